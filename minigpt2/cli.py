@@ -1,0 +1,108 @@
+"""Helpers shared by every command-line front end: flags from a dataclass, and errors as one line.
+
+Each script (`train.py`, `sample.py`, `data/prepare.py`, `python -m minigpt2.evaluate`) is a thin `main(argv)` wrapped
+in `run_main`, so a user mistake prints `error: ...` and exits with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import MiniGPT2Error
+
+EXIT_USAGE = 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits with status 2 on bad flags already; keep its message to one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def make_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line and exit with status 2."""
+    return _ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add `--name` with its dashed spelling (`--max_new_tokens` and `--max-new-tokens`)."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def parse_bool(text: str) -> bool:
+    """Parse a command-line boolean: true/false, yes/no, 1/0, on/off."""
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
+    """The string -> value converter and metavar for a dataclass field type (Optional[X] accepts 'none')."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner, metavar = _field_parser(args[0]) if len(args) == 1 else (str, "VALUE")
+
+        def optional(text: str) -> Any:
+            return None if text.strip().lower() in {"none", "null", ""} else inner(text)
+
+        return optional, metavar
+    if tp is bool:
+        return parse_bool, "BOOL"
+    if tp in (int, float, str):
+        return tp, tp.__name__.upper()
+    return str, "VALUE"
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of dataclass `cls`, named after the field; defaults stay unset (None) so that a
+    config file can fill them and the command line wins over it."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        convert, metavar = _field_parser(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        doc = field.metadata.get("help", "")
+        add_flag(parser, field.name, type=convert, metavar=metavar, default=None,
+                 help=f"{doc} (default: {default})" if doc else f"default: {default}")
+
+
+def dataclass_from_flags(cls: type, namespace: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """Build `cls` from defaults, then `base` (e.g. a config file), then the flags that were given."""
+    values = dict(base or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise MiniGPT2Error(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+    for name in known:
+        given = getattr(namespace, name, None)
+        if given is not None:
+            values[name] = given
+    return cls(**values)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
+    """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except MiniGPT2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

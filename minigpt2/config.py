@@ -1,0 +1,126 @@
+"""GPTConfig: every number that shapes a GPT-2, with the four official sizes as presets.
+
+Field names follow transformers' `GPT2Config`, so a Hub `config.json` maps onto this dataclass field for field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+EOT_ID = 50256  # <|endoftext|>: GPT-2 uses it as both start and end of text
+ATTN_IMPLS = ("naive", "sdpa", "triton", "auto")
+
+
+@dataclass
+class GPTConfig:
+    """Shape and regularisation of a GPT-2 model.
+
+    `n_embd` must be divisible by `n_head`; GPT-2 uses a head size of 64 in every size. `attn_impl` chooses how
+    attention is computed ("naive": the explicit formula, "sdpa": torch's fused kernel, "triton": our kernel,
+    "auto": triton on a CUDA GPU when installed, else sdpa); it changes speed, never the result.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    attn_impl: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or `tiny` for tests and quick runs."""
+        key = name.removeprefix("openai-community/")
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` that transformers' GPT2Config reads."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "embd_pdrop": self.embd_pdrop,
+            "attn_pdrop": self.attn_pdrop,
+            "resid_pdrop": self.resid_pdrop,
+            "initializer_range": self.initializer_range,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": EOT_ID if self.vocab_size > EOT_ID else None,
+            "eos_token_id": EOT_ID if self.vocab_size > EOT_ID else None,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str = "config.json", **overrides: Any) -> GPTConfig:
+        """Read a transformers GPT-2 `config.json`, refusing variants this model does not implement."""
+        model_type = data.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise CheckpointConfigError(f"{source}: model_type is {model_type!r}; minigpt2 loads GPT-2 models only")
+        unsupported = {
+            "activation_function": ("gelu_new", data.get("activation_function", "gelu_new")),
+            "scale_attn_weights": (True, data.get("scale_attn_weights", True)),
+            "scale_attn_by_inverse_layer_idx": (False, data.get("scale_attn_by_inverse_layer_idx", False)),
+            "reorder_and_upcast_attn": (False, data.get("reorder_and_upcast_attn", False)),
+            "tie_word_embeddings": (True, data.get("tie_word_embeddings", True)),
+        }
+        for key, (expected, got) in unsupported.items():
+            if got != expected:
+                raise CheckpointConfigError(f"{source}: {key}={got!r} is not supported (GPT-2 uses {expected!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields and k != "attn_impl"}
+        try:
+            return cls(**{**values, **overrides})
+        except (TypeError, ConfigError) as exc:
+            raise CheckpointConfigError(f"{source}: {exc}") from None
+
+
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A checkpoint's config.json describes a model minigpt2 cannot build."""
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Same vocabulary and head size as GPT-2, a fraction of the depth and width: trains from scratch on a laptop.
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=256, n_positions=256),
+}

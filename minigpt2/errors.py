@@ -1,0 +1,21 @@
+"""The one exception family that command-line front ends turn into a one-line message.
+
+Library code raises these for *user* mistakes (a missing file, a bad setting); anything else is a bug and keeps
+its traceback. Each message names the offending file or setting and says what to do about it.
+"""
+
+
+class MiniGPT2Error(Exception):
+    """Base class for errors caused by input the user can fix."""
+
+
+class CheckpointError(MiniGPT2Error):
+    """A checkpoint (Hub id or local directory) cannot be found, read or matched to the model."""
+
+
+class DataError(MiniGPT2Error):
+    """Input text or a prepared dataset is missing, malformed or too small."""
+
+
+class ConfigError(MiniGPT2Error, ValueError):
+    """A setting (flag, config field, generation argument) has an invalid value."""

@@ -1,0 +1,164 @@
+"""GPT-2 weights in and out of the Hugging Face Hub's format.
+
+A checkpoint is a directory with `config.json` (transformers' GPT2Config) and `model.safetensors` (or shards listed
+in `model.safetensors.index.json`). Hub ids are fetched with huggingface_hub into the cache that transformers uses,
+so a model downloaded by either library is found by the other, and `HF_HUB_OFFLINE=1` reads that cache only.
+
+The Hub's tensors differ from ours in two ways only:
+- OpenAI's code stored the projections as `Conv1D` with weight shape (in, out); nn.Linear keeps (out, in). The four
+  projection weights in `TRANSPOSED` are transposed on the way in and out.
+- Names may carry a `transformer.` prefix (transformers' save_pretrained) or not (the original upload), and files
+  may hold the causal-mask buffers `attn.bias` / `attn.masked_bias`, which are not weights and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .errors import CheckpointError
+from .model import GPT
+
+OFFICIAL = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def hub_repo_id(name: str) -> str | None:
+    """The Hub repository for `name` (`gpt2` -> `openai-community/gpt2`), or None if it is not a Hub id."""
+    if name in OFFICIAL:
+        return f"openai-community/{name}"
+    return name if _REPO_ID.match(name) else None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local directory holding the checkpoint: the given one, or the Hub snapshot in the local cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    repo_id = hub_repo_id(str(name_or_path))
+    if path.exists() or repo_id is None:
+        raise CheckpointError(f"{name_or_path}: no such checkpoint directory, and not a Hub id; pass a directory "
+                              f"written by save_pretrained or one of {', '.join(OFFICIAL)}")
+    return _download(repo_id, str(name_or_path))
+
+
+def _download(repo_id: str, name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_FILES)))
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        raise CheckpointError(f"{name}: no such model on the Hugging Face Hub (repository {repo_id}); check the "
+                              "spelling or pass a local checkpoint directory") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({type(exc).__name__})"
+        raise CheckpointError(f"{name}: {why} and {repo_id} is not in the local Hugging Face cache; connect to the "
+                              "internet once to download it, or pass a local checkpoint directory") from None
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+    else:
+        files = [directory / "model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            hint = " (pytorch_model.bin is not read: minigpt2 never loads pickles)" \
+                if (directory / "pytorch_model.bin").exists() else ""
+            raise CheckpointError(f"{file}: missing{hint}; save the checkpoint with safetensors "
+                                  "(save_pretrained(..., safe_serialization=True))")
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); the download or copy is "
+                                  "probably corrupted: delete it and download or save again") from None
+    return tensors
+
+
+def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) -> GPT:
+    """Build a GPT from a Hub id or a save_pretrained directory (see the module docstring)."""
+    directory = resolve_checkpoint(name_or_path)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: invalid JSON ({exc}); restore the file or save the model again") from None
+    config = GPTConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    tensors = _read_tensors(directory)
+
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for raw_name, tensor in tensors.items():
+        name = raw_name.removeprefix("transformer.")
+        if SKIPPED.search(name):
+            continue
+        name = name if name == "lm_head.weight" else f"transformer.{name}"
+        if name not in expected:
+            raise CheckpointError(f"{directory}: unexpected tensor {raw_name!r}; is this a GPT-2 checkpoint?")
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{directory}: tensor {raw_name!r} has shape {tuple(tensor.shape)} but config.json "
+                                  f"implies {tuple(expected[name].shape)}; config and weights do not belong together")
+        state[name] = tensor.float().contiguous()
+    # The head is tied to the token embedding; files usually omit it, and where present it must be the same tensor.
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    missing = [name for name in expected if state.get(name) is None]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:4])}"
+                              f"{' ...' if len(missing) > 4 else ''}; the weights file is incomplete")
+    if not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        raise CheckpointError(f"{directory}: lm_head.weight differs from wte.weight, but GPT-2 ties them")
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
+def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
+    """Write `model` as a Hub checkpoint that transformers' GPT2LMHeadModel.from_pretrained loads.
+
+    Files are written to a temporary directory beside the target and moved into place one by one, so an interrupted
+    save never leaves a half-written weights file under its final name.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight; transformers re-ties it on load
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    hf_config = model.config.to_hf_dict()
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        staging = Path(tmp)
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for file in ("model.safetensors", "config.json", "generation_config.json"):
+            os.replace(staging / file, out / file)
+        stale_index = out / "model.safetensors.index.json"
+        if stale_index.exists():
+            stale_index.unlink()

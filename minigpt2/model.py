@@ -1,0 +1,267 @@
+"""GPT-2, written out by hand.
+
+    input_ids (B, T)
+      -> token embedding wte + position embedding wpe        (B, T, C)
+      -> n_layer x Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+      -> ln_f -> lm_head (the transpose of wte: tied weights) (B, T, vocab_size)
+
+Module names are the Hub's (`transformer.wte`, `transformer.h.N.attn.c_attn`, `transformer.ln_f`, ...), so loading a
+checkpoint is a renaming-free copy (see `hub.py`). B = batch, T = tokens, C = n_embd, nh = n_head, hs = C // nh.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GPTConfig
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), not the exact erf form."""
+    return F.gelu(x, approximate="tanh")
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
+
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); mask: bool, broadcastable to (B, nh, Tq, Tk), True where a query may
+    look at a key, or None for plain causal attention over Tq == Tk.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+
+
+def _triton_available() -> bool:
+    try:
+        import kernels
+    except ImportError:
+        return False
+    return kernels.is_available()
+
+
+def resolve_attn_impl(name: str, device: torch.device) -> str:
+    """The attention to use on `device`: "auto" picks triton on a CUDA GPU with triton installed, else sdpa.
+
+    An explicit "triton" that cannot run here falls back to sdpa with a one-time warning rather than failing in the
+    middle of training or generation.
+    """
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "sdpa"
+    if name == "triton" and not ((device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+                                 and _triton_available()):
+        _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")
+        return "sdpa"
+    return name
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, key_padding: torch.Tensor | None,
+                attn_impl: str, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.c_attn(x)
+        # (B, T, 3C) -> 3 x (B, T, nh, hs) -> 3 x (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, T_past + T, hs)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if attn_impl == "naive":
+            y = naive_attention(q, k, v, mask, dropout_p)
+        elif attn_impl == "triton" and q.shape[2] == k.shape[2]:
+            from kernels import flash_attention
+
+            y = flash_attention(q, k, v, key_padding_mask=key_padding)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_size)
+        self.c_proj = nn.Linear(config.mlp_size, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: each sub-layer sees a normalised input and adds to the residual stream."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, key_padding: torch.Tensor | None,
+                attn_impl: str, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, key_padding, attn_impl, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The GPT-2 language model: `model(input_ids)` -> next-token logits of shape (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.embd_pdrop),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # The output projection reuses the input embedding: the score of token v is <h, wte[v]>.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the layers that write into the residual stream by 1/sqrt(2 n_layer), so the
+        # stream's variance does not grow with depth (two such writes per block).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (the tied head counted once); optionally without the position and token embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for `input_ids` (B, T).
+
+        attention_mask: (B, T_past + T) of 1 for real tokens and 0 for (left) padding, covering cached positions
+            too; position ids then count real tokens only, so a left-padded prompt sees the same positions as alone.
+        position_ids: (B, T) explicit positions, overriding the above.
+        kv_cache: when given, keys/values of earlier calls are reused and this call's are appended.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context of "
+                             f"{self.config.n_positions} positions; truncate the input or use a sliding window")
+        if position_ids is None:
+            if attention_mask is not None:
+                # Count real tokens before each position: left padding does not shift the prompt's positions.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device)
+        mask, key_padding = self._attention_mask(T, past, attention_mask, input_ids.device, attn_impl)
+
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, key_padding, attn_impl, use_reentrant=False)
+            else:
+                x = block(x, mask, key_padding, attn_impl, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, C) -> (B, T, vocab_size)
+
+    @staticmethod
+    def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
+                        attn_impl: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None for plain causal.
+
+        A query sees keys at or before its own position that are not padding. It always sees itself, so that a
+        padding query (whose every key is padding) gets finite, ignored output instead of NaN.
+        """
+        key_padding = attention_mask.bool() if attention_mask is not None else None
+        if key_padding is not None and bool(key_padding.all()):
+            key_padding = None
+        if key_padding is None and past == 0:
+            return None, None
+        q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
+        k_pos = torch.arange(past + T, device=device).unsqueeze(0)        # (1, past + T)
+        mask = (k_pos <= q_pos)[None, None]                                # (1, 1, T, past + T)
+        if key_padding is not None:
+            mask = mask & (key_padding[:, None, None, :] | (k_pos == q_pos))  # (B, 1, T, past + T)
+        return mask, (key_padding if attn_impl == "triton" and past == 0 else None)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100,
+             **forward_kwargs: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, as transformers computes it: position t predicts labels[t + 1].
+
+        labels defaults to input_ids; positions labelled `ignore_index` (e.g. padding) are not scored.
+        """
+        labels = input_ids if labels is None else labels
+        logits = self(input_ids, **forward_kwargs)
+        return lm_loss(logits[:, :-1], labels[:, 1:], ignore_index)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Continue `input_ids` (B, T); returns the full sequences, prompt included. See `generate.py`."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **config_overrides) -> GPT:
+        """Load a Hub id (`gpt2`, `openai-community/gpt2-xl`, ...) or a save_pretrained directory. See `hub.py`."""
+        from .hub import load_pretrained
+
+        return load_pretrained(name_or_path, **config_overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write config.json, model.safetensors and generation_config.json in the Hub's GPT-2 layout."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of aligned logits (B, T, V) and targets (B, T), in fp32, averaged over scored positions."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
