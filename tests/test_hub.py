@@ -1,0 +1,184 @@
+"""Weights in and out of the Hub format: transformers writes, we read; we write, transformers reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+from minigpt2 import GPT, CheckpointError, GPTConfig
+from minigpt2.hub import TRANSPOSED
+
+
+def logits_of(model, seed=0, T=24):
+    torch.manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (2, T))
+    with torch.no_grad():
+        return x, model(x)
+
+
+def test_minigpt2_save_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=64,
+                         initializer_range=0.2)).eval()
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x, logits = logits_of(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+    back = GPT.from_pretrained(tmp_path)
+    assert torch.equal(logits_of(back)[1], logits)
+
+
+def test_transformers_save_round_trips_through_minigpt2(hf_checkpoint, tmp_path):
+    path = hf_checkpoint()
+    ref = GPT2LMHeadModel.from_pretrained(path).eval()
+    GPT.from_pretrained(path).save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_original_openai_layout_loads(hf_checkpoint, tmp_path):
+    """The Hub's gpt2 files: no `transformer.` prefix, attention mask buffers stored, lm_head present or not."""
+    path = hf_checkpoint()
+    tensors = load_file(path / "model.safetensors")
+    original = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    n_pos = json.loads((path / "config.json").read_text())["n_positions"]
+    for layer in range(2):
+        original[f"h.{layer}.attn.bias"] = torch.ones(1, 1, n_pos, n_pos).tril()
+        original[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    original["lm_head.weight"] = original["wte.weight"].clone()
+    save_file(original, tmp_path / "model.safetensors")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    _, expected = logits_of(GPT.from_pretrained(path))
+    assert torch.equal(logits_of(GPT.from_pretrained(tmp_path))[1], expected)
+
+
+def test_weights_use_conv1d_layout_on_disk(tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=16))
+    ours.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for suffix in TRANSPOSED:
+        name = f"transformer.h.0.{suffix}"
+        assert torch.equal(tensors[name], ours.state_dict()[name].t())
+    assert "lm_head.weight" not in tensors
+
+
+@pytest.fixture
+def broken_dir(hf_checkpoint, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint(), target)
+    return target
+
+
+def test_missing_weights_file(broken_dir):
+    (broken_dir / "model.safetensors").unlink()
+    (broken_dir / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing.*never loads pickles"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_missing_config(broken_dir):
+    (broken_dir / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_corrupted_safetensors(broken_dir):
+    weights = broken_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors file.*corrupted"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_config_and_weights_mismatch(broken_dir):
+    config = json.loads((broken_dir / "config.json").read_text())
+    config["n_embd"] = 128
+    (broken_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"has shape .* but config\.json implies"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_not_a_directory_nor_hub_id(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory, and not a Hub id"):
+        GPT.from_pretrained(str(tmp_path / "nope" / "deeper" / "x"))
+
+
+HUB_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from minigpt2 import GPT, CheckpointError
+    try:
+        model = GPT.from_pretrained(sys.argv[1])
+    except CheckpointError as exc:
+        print("CheckpointError:", exc)
+        sys.exit(3)
+    if len(sys.argv) > 2:
+        from transformers import GPT2LMHeadModel
+        ref = GPT2LMHeadModel.from_pretrained(sys.argv[2]).eval()
+        x = torch.arange(40).view(2, 20) * 97
+        with torch.no_grad():
+            ours, theirs = model(x), ref(x).logits
+        print("max_rel_err", ((ours - theirs).abs().max() / theirs.abs().max()).item())
+""")
+
+
+def run_offline(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent)}
+    return subprocess.run([sys.executable, "-c", HUB_SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def hub_cache(hf_checkpoint, tmp_path):
+    """A Hugging Face cache laid out as a download of openai-community/gpt2 leaves it."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--openai-community--gpt2"
+    revision = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_checkpoint() / name, snapshot / name)
+    return cache
+
+
+@pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2"])
+def test_hub_cache_offline(hub_cache, name):
+    result = run_offline(hub_cache, name, "openai-community/gpt2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert float(result.stdout.split("max_rel_err")[1]) <= 1e-5
+
+
+def test_offline_and_not_cached_is_a_clear_error(hub_cache):
+    result = run_offline(hub_cache, "gpt2-medium")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "HF_HUB_OFFLINE is set and openai-community/gpt2-medium is not in the local Hugging Face cache" \
+        in result.stdout
+
+
+@pytest.mark.hub
+def test_real_gpt2_matches_transformers():
+    """Real weights from the Hub: same logits and the same greedy continuation as transformers."""
+    from minigpt2 import Tokenizer
+
+    ours = GPT.from_pretrained("gpt2")
+    ref = GPT2LMHeadModel.from_pretrained("openai-community/gpt2").eval()
+    ids = torch.tensor([Tokenizer().encode("The meaning of life is")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-5, atol=1e-4)
+    ours_greedy = ours.generate(ids, max_new_tokens=20, do_sample=False)
+    ref_greedy = ref.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    assert ours_greedy.tolist() == ref_greedy.tolist()

@@ -1,0 +1,140 @@
+"""The hand-written GPT-2 against transformers' GPT2LMHeadModel on the same (random) weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.kv_cache import KVCache
+from minigpt2.model import lm_loss
+
+
+def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def load_pair(path, **overrides):
+    ours = GPT.from_pretrained(path, **overrides)
+    ref = GPT2LMHeadModel.from_pretrained(path).eval()
+    return ours, ref
+
+
+# Every official size's real width and head count; the 124M shape at full depth and context, the larger ones with
+# fewer layers (and a smaller vocabulary) so the suite stays fast. Depth and vocabulary do not change the code path.
+SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, initializer_range=0.02),
+    "gpt2-medium": dict(n_layer=3, n_head=16, n_embd=1024, vocab_size=4096, initializer_range=0.02),
+    "gpt2-large": dict(n_layer=2, n_head=20, n_embd=1280, vocab_size=4096, initializer_range=0.02),
+    "gpt2-xl": dict(n_layer=2, n_head=25, n_embd=1600, vocab_size=4096, initializer_range=0.02),
+    # Large weights: pre-activations reach the range where tanh-GELU and erf-GELU differ, so a wrong one shows.
+    "large-weights": dict(n_layer=4, n_head=4, n_embd=128, initializer_range=0.2),
+    # An unusual epsilon must be read from config.json, not assumed.
+    "layernorm-eps": dict(n_layer=2, n_head=4, n_embd=64, layer_norm_epsilon=0.5, initializer_range=0.2),
+}
+
+
+# The naive attention is checked on the shapes that load fastest; sdpa on all of them.
+CASES = [(shape, "sdpa") for shape in SHAPES] + [(shape, "naive") for shape in ("gpt2", "large-weights", "layernorm-eps")]
+
+
+@pytest.mark.parametrize(("shape", "attn_impl"), CASES)
+def test_logits_match_transformers(hf_checkpoint, shape, attn_impl):
+    fields = SHAPES[shape]
+    ours, ref = load_pair(hf_checkpoint(**fields), attn_impl=attn_impl)
+    preset = shape if shape.startswith("gpt2") else None
+    if preset:
+        expected = GPTConfig.from_preset(preset)
+        assert (ours.config.n_embd, ours.config.n_head) == (expected.n_embd, expected.n_head)
+    torch.manual_seed(1)
+    T = 1024 if shape == "gpt2" else 96
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, T))
+    with torch.no_grad():
+        logits = ours(input_ids)
+        expected_logits = ref(input_ids).logits
+    assert logits.shape == (2, T, ours.config.vocab_size)
+    assert max_rel_err(logits, expected_logits) <= 1e-5
+
+
+def test_left_padding_matches_unpadded(hf_checkpoint):
+    ours, ref = load_pair(hf_checkpoint())
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 50257, (1, 20))
+    padded = torch.cat([torch.full((1, 7), 50256), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = ref(prompt).logits
+        ours_padded = ours(padded, attention_mask=mask)[:, 7:]
+    assert max_rel_err(ours_padded, alone) <= 1e-5
+    assert torch.isfinite(ours(padded, attention_mask=mask)).all()
+
+
+def test_loss_matches_transformers_with_ignore_index(hf_checkpoint):
+    ours, ref = load_pair(hf_checkpoint())
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, 50257, (3, 40))
+    labels = input_ids.clone()
+    labels[0, 30:] = -100
+    labels[2, :5] = -100
+    with torch.no_grad():
+        expected = ref(input_ids, labels=labels).loss
+        got = ours.loss(input_ids, labels)
+        aligned = lm_loss(ours(input_ids)[:, :-1], labels[:, 1:])
+    assert abs(got.item() - expected.item()) <= 1e-5 * expected.item()
+    assert got.item() == aligned.item()
+
+
+def test_kv_cache_equals_full_forward(hf_checkpoint):
+    ours, _ = load_pair(hf_checkpoint())
+    torch.manual_seed(4)
+    input_ids = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = ours(input_ids)
+        cache = KVCache(ours.config, batch_size=2, max_len=30)
+        steps = [ours(input_ids[:, :12], kv_cache=cache)]
+        for t in range(12, 30):
+            steps.append(ours(input_ids[:, t:t + 1], kv_cache=cache))
+    assert cache.length == 30
+    assert max_rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+def test_context_overflow_is_a_clear_error(hf_checkpoint):
+    ours, _ = load_pair(hf_checkpoint(n_positions=32))
+    with pytest.raises(ValueError, match="longer than the model's context of 32"):
+        ours(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_head_is_tied_and_dropout_only_in_training():
+    torch.manual_seed(5)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300, n_positions=64))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    x = torch.randint(0, 300, (2, 16))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(6)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32, embd_pdrop=0.0,
+                       attn_pdrop=0.0, resid_pdrop=0.0)
+    model = GPT(config).train()
+    x = torch.randint(0, 100, (2, 16))
+    model.loss(x).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model.loss(x).backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+def test_presets_match_the_published_sizes():
+    # Parameter counts published for GPT-2 (tied head counted once): 124M, 355M, 774M, 1558M.
+    with torch.device("meta"):
+        counts = {name: GPT(GPTConfig.from_preset(name)).num_parameters() for name in
+                  ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                      "gpt2-xl": 1_557_611_200}

@@ -1,0 +1,85 @@
+"""The tokenizer against transformers' GPT-2 tokenizer loaded from the files we export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+import minigpt2
+from minigpt2 import CheckpointError, Tokenizer
+from minigpt2.tokenizer import EOT_ID, RANKS_FILE, load_ranks
+
+TEXTS = [
+    "Hello world",
+    "   leading spaces and    runs of  spaces\n\n\n\ttabs\t\there  \n",
+    "I'm sure they'll say it's what we've done, isn't it? DON'T SHOUT",
+    "1234567890 3.14159 1,000,000 -42 2026-11-21 0x1F",
+    "naïve café résumé Ünïcödé Ωμέγα Москва",
+    "日本語のテキストと中文文本 한국어",
+    "emoji 🤗🚀👩‍👩‍👧 flags 🇫🇷 and ZWJ",
+    "def f(x):\n    return {'a': [x ** 2 for _ in range(3)]}  # comment\n",
+    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    "",
+    " ",
+    "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "combining e\u0301 vs precomposed é",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    ours = Tokenizer()
+    directory = tmp_path_factory.mktemp("tokenizer")
+    ours.save_pretrained(directory)
+    theirs = AutoTokenizer.from_pretrained(directory)
+    return ours, theirs
+
+
+def test_exported_tokenizer_is_complete(tokenizers):
+    ours, theirs = tokenizers
+    assert len(theirs) == 50257 == len(ours)
+    assert theirs.convert_tokens_to_ids("<|endoftext|>") == EOT_ID
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_transformers(tokenizers, text):
+    ours, theirs = tokenizers
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids) == text
+
+
+def test_batch_encoding_equals_single(tokenizers):
+    ours, theirs = tokenizers
+    assert ours.encode_batch(TEXTS) == [theirs.encode(t) for t in TEXTS]
+
+
+def test_decode_of_split_characters(tokenizers):
+    ours, theirs = tokenizers
+    ids = ours.encode("🤗 ok")
+    partial = ids[:1]  # the emoji's bytes span several tokens: the first alone is invalid UTF-8
+    assert ours.decode_bytes(partial) == "🤗".encode()[: len(ours.decode_bytes(partial))]
+    assert ours.decode(partial) == theirs.decode(partial)
+    assert "\ufffd" in ours.decode(partial)
+
+
+def test_endoftext_is_special_only_when_asked(tokenizers):
+    ours, theirs = tokenizers
+    text = "end<|endoftext|>start"
+    plain = ours.encode(text)
+    assert EOT_ID not in plain
+    assert ours.decode(plain) == text
+    special = ours.encode(text, allow_special=True)
+    assert special == ours.encode("end") + [EOT_ID] + ours.encode("start")
+    assert special == theirs.encode(text)  # transformers always treats it as special
+
+
+def test_rank_file_hash_is_checked(tmp_path):
+    good = (Path(minigpt2.__file__).parent / "assets" / RANKS_FILE).read_bytes()
+    assert len(load_ranks()) == 50256
+    corrupted = tmp_path / RANKS_FILE
+    corrupted.write_bytes(good.replace(b" 50255", b" 50254"))
+    with pytest.raises(CheckpointError, match="sha256 .* expected 306cd27f"):
+        load_ranks(corrupted)
