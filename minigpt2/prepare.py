@@ -1,0 +1,399 @@
+"""Preparing a dataset: text in, packed token files out.
+
+    source -> documents -> clean -> drop empty and duplicate -> tokenise -> <|endoftext|> doc <|endoftext|> doc ...
+           -> split by document -> train.bin, val.bin (uint16) + meta.json
+
+Why pack: the classic recipe pads every line of `data.txt` to 512 tokens, so a 20-token line costs 512 tokens of
+disk and compute, 96% of it padding. Here documents are written end to end, each preceded by `<|endoftext|>`; there
+is no padding at all, and training reads windows of any length from anywhere in the stream (see `dataset.py`).
+
+How it streams. Documents are read one at a time (`sources.py`), cleaned (`cleaning.py`) and gathered into batches
+of about 1 MiB of text. While the main thread cleans batch k + 1, a background thread tokenises batch k with
+tiktoken, which releases the GIL and spreads a batch over `workers` threads, so every core has work. Token ids go
+straight to a scratch file; only per-document lengths (8 bytes each) and dedup fingerprints stay in memory.
+
+How it splits. Once the number of documents N is known, max(1, round(N * val_fraction)) of them (never all) are
+drawn for validation with `seed`, and the scratch file is copied, in chunks, into train.bin and val.bin in the
+original order. Splitting by document keeps any one document out of both splits.
+
+How it fails. Everything is written to a scratch folder beside the output and moved into place with atomic renames
+(meta.json last) only when the whole run succeeded. A failed or interrupted run removes its scratch folder and leaves
+an earlier prepared dataset in the output folder untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from .cleaning import Cleaner, CleaningOptions, Deduplicator
+from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, run_main
+from .dataset import FORMAT, TOKEN_DTYPE, PreparedDataset, is_prepared
+from .errors import ConfigError, DataError
+from .sources import ERROR_MODES, Source
+from .tokenizer import RANKS_SHA256, Tokenizer
+
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")  # moved into place in this order: meta.json last
+BATCH_CHARS = 1 << 20  # text per tokenisation batch: big enough to amortise thread hand-offs, small in memory
+SPLIT_CHUNK = 1 << 24  # tokens copied per step when splitting the scratch file
+MAX_LISTED_FILES = 1000  # meta.json lists source files one by one up to this many (always hashes all of them)
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def prepare_dataset(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, text_field: str = "text",
+                    csv_column: str = "text", separator: str | None = None, val_fraction: float = 0.1,
+                    seed: int = 1337, errors: str = "strict", strip_html: bool = True,
+                    normalize_unicode: bool = True, drop_control: bool = True, strip_emoji: bool = False,
+                    normalize_whitespace: bool = True, dedup: bool = True, block_size: int | None = None,
+                    workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Read, clean, tokenise and pack `source` into `out_dir`/{train.bin, val.bin, meta.json}; return the meta.
+
+    source: a .txt/.md/.json/.jsonl/.csv file or a folder of .txt/.md files (see `sources.py`).
+    text_field / csv_column: where the text is in JSON records / CSV rows. separator: splits a .txt file into
+    documents (default: blank lines). errors: "strict" (invalid UTF-8 is an error) or "replace" (U+FFFD).
+    strip_html ... dedup: the cleaning steps (see `cleaning.py`). val_fraction, seed: the document split.
+    block_size: if given, each split must hold at least block_size + 1 tokens (one training window), else DataError.
+    workers: tokeniser threads (default: all cores). progress: show a progress bar and print a summary to stderr.
+    """
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if block_size is not None and block_size < 1:
+        raise ConfigError(f"block_size must be at least 1, got {block_size}")
+    workers = workers or os.cpu_count() or 1
+    options = CleaningOptions(strip_html=strip_html, normalize_unicode=normalize_unicode, drop_control=drop_control,
+                              strip_emoji=strip_emoji, normalize_whitespace=normalize_whitespace, dedup=dedup)
+    reader = Source(source, text_field=text_field, csv_column=csv_column, separator=separator, errors=errors)
+    out = Path(out_dir)
+    started = time.perf_counter()
+    with _Staging(out) as scratch:
+        packer = _Packer(reader, options, workers)
+        packer.run(scratch / "all.bin", progress)
+        lengths = np.frombuffer(packer.lengths, dtype=np.int64)
+        is_val = _choose_val(len(lengths), val_fraction, seed, reader)
+        train_tokens, val_tokens = _split(scratch / "all.bin", lengths, is_val, scratch)
+        if block_size is not None:
+            _check_block_size(min(train_tokens, val_tokens), block_size, reader.path, val_fraction)
+        meta = {
+            "format": FORMAT,
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "layout": "each document is preceded by <|endoftext|>; documents are packed end to end, no padding",
+            "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "vocab_size": Tokenizer().vocab_size,
+                          "eot_token": Tokenizer.eot_token},
+            "source": _describe_source(reader),
+            "options": {"text_field": text_field, "csv_column": csv_column, "separator": separator,
+                        "val_fraction": val_fraction, "seed": seed, "errors": errors, **options.to_dict()},
+            "counts": {**packer.counts, "train_documents": int(len(lengths) - is_val.sum()),
+                       "val_documents": int(is_val.sum()), "train_tokens": train_tokens, "val_tokens": val_tokens,
+                       "padding_tokens": 0},
+            "cleaning": packer.cleaner.stats.to_dict(),
+        }
+        (scratch / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _commit(scratch, out)
+    if progress:
+        print(format_summary(meta, out, time.perf_counter() - started), file=sys.stderr)
+    return meta
+
+
+class _Packer:
+    """Streams documents through cleaning, dedup and tokenisation into one scratch token file."""
+
+    def __init__(self, reader: Source, options: CleaningOptions, workers: int) -> None:
+        self.reader = reader
+        self.cleaner = Cleaner(options)
+        self.dedup = Deduplicator() if options.dedup else None
+        self.workers = workers
+        self.tokenizer = Tokenizer()
+        self.lengths = array("q")  # tokens per document, <|endoftext|> included
+        self.counts = {"documents_read": 0, "documents_empty": 0, "duplicates_removed": 0, "documents": 0,
+                       "tokens": 0, "text_bytes_read": 0, "text_bytes_kept": 0, "bytes_removed_cleaning": 0,
+                       "bytes_removed_duplicates": 0, "replaced_sequences": 0}
+
+    def run(self, path: Path, progress: bool) -> None:
+        # disable=None: no bar when stderr is not a terminal (logs, CI); leave=False: the summary replaces it.
+        bar = tqdm(total=self.reader.total_bytes, unit="B", unit_scale=True, desc="preparing", file=sys.stderr,
+                   disable=None if progress else True, leave=False)
+        with open(path, "wb") as out, ThreadPoolExecutor(max_workers=1) as background, bar:
+            pending: Future[list[list[int]]] | None = None
+            for batch in _batches(self.reader.documents()):
+                texts = self._clean(batch)
+                # Tokenise this batch in the background while the loop reads and cleans the next one.
+                job = background.submit(self.tokenizer.encode_batch, texts, num_threads=self.workers)
+                if pending is not None:
+                    self._write(pending.result(), out)
+                pending = job
+                bar.update(self.reader.bytes_read - bar.n)
+                bar.set_postfix(docs=self.counts["documents"], tokens=self.counts["tokens"], refresh=False)
+            if pending is not None:
+                self._write(pending.result(), out)
+        counts = self.counts
+        counts["bytes_removed_duplicates"] = self.dedup.bytes_removed if self.dedup else 0
+        counts["duplicates_removed"] = self.dedup.duplicates if self.dedup else 0
+        counts["bytes_removed_cleaning"] = (counts["text_bytes_read"] - counts["text_bytes_kept"]
+                                            - counts["bytes_removed_duplicates"])
+        counts["replaced_sequences"] = sum(f.replaced for f in self.reader.files)
+        if counts["documents"] == 0:
+            raise self._no_documents()
+
+    def _clean(self, batch: list[str]) -> list[str]:
+        kept = []
+        for raw in batch:
+            self.counts["documents_read"] += 1
+            self.counts["text_bytes_read"] += len(raw.encode("utf-8"))
+            text = self.cleaner(raw)
+            if not text.strip():
+                self.counts["documents_empty"] += 1
+                continue
+            data = text.encode("utf-8")
+            if self.dedup is not None and self.dedup.is_duplicate(data):
+                continue
+            self.counts["text_bytes_kept"] += len(data)
+            kept.append(text)
+        return kept
+
+    def _write(self, token_lists: list[list[int]], out: BinaryIO) -> None:
+        flat: list[int] = []
+        for ids in token_lists:
+            flat.append(Tokenizer.eot_token)
+            flat.extend(ids)
+            self.lengths.append(len(ids) + 1)
+        out.write(np.array(flat, dtype=TOKEN_DTYPE).tobytes())
+        self.counts["documents"] += len(token_lists)
+        self.counts["tokens"] += len(flat)
+
+    def _no_documents(self) -> DataError:
+        read, path = self.counts["documents_read"], self.reader.path
+        if read == 0:
+            return DataError(f"{path} contains no documents (only blank lines or an empty list); add text to prepare")
+        return DataError(f"all {read} documents of {path} are empty after cleaning or duplicates; check the input, "
+                         "or turn cleaning steps off (see --help)")
+
+
+def _batches(documents: Iterator[str], max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for text in documents:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _choose_val(n_documents: int, val_fraction: float, seed: int, reader: Source) -> np.ndarray:
+    """A boolean mask over documents: max(1, round(N * val_fraction)) of them, drawn with `seed`, go to val."""
+    if n_documents < 2:
+        raise DataError(f"{reader.path} has a single document, so none is left for validation after the split; "
+                        "separate documents with blank lines (or --separator), or add more documents")
+    n_val = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
+    is_val = np.zeros(n_documents, dtype=bool)
+    is_val[np.random.default_rng(seed).choice(n_documents, size=n_val, replace=False)] = True
+    return is_val
+
+
+def _split(all_tokens: Path, lengths: np.ndarray, is_val: np.ndarray, scratch: Path) -> tuple[int, int]:
+    """Copy each document of the scratch file to train.bin or val.bin, a chunk of whole documents at a time."""
+    tokens = np.memmap(all_tokens, dtype=TOKEN_DTYPE, mode="r")
+    ends = np.cumsum(lengths)
+    with open(scratch / "train.bin", "wb") as train, open(scratch / "val.bin", "wb") as val:
+        first, start = 0, 0
+        while first < len(lengths):
+            last = max(first + 1, int(np.searchsorted(ends, start + SPLIT_CHUNK, side="right")))
+            end = int(ends[last - 1])
+            chunk = tokens[start:end]
+            to_val = np.repeat(is_val[first:last], lengths[first:last])  # per token: does its document go to val?
+            train.write(chunk[~to_val].tobytes())
+            val.write(chunk[to_val].tobytes())
+            first, start = last, end
+    del tokens  # release the memory map before the scratch folder is removed
+    n_val = int(lengths[is_val].sum())
+    return int(lengths.sum()) - n_val, n_val
+
+
+def _check_block_size(shortest: int, block_size: int, source: Path, val_fraction: float) -> None:
+    if shortest < block_size + 1:
+        raise DataError(f"{source} is too small for block_size {block_size}: a split has only {shortest} tokens "
+                        f"and training needs at least {block_size + 1} in each (train and val, val_fraction "
+                        f"{val_fraction}); add text or use a smaller block size")
+
+
+def _describe_source(reader: Source) -> dict[str, Any]:
+    """Where the data came from: every file's size and sha256, and one sha256 over all of them."""
+    overall = hashlib.sha256()
+    for f in reader.files:
+        overall.update(f"{f.name}\0{f.sha256}\n".encode())
+    files = [{"path": f.name, "bytes": f.size, "sha256": f.sha256, "documents": f.documents} for f in reader.files]
+    return {"path": str(reader.path.resolve()), "kind": "folder" if reader.is_folder else "file",
+            "file_count": len(files), "bytes": reader.total_bytes, "sha256": overall.hexdigest(),
+            "files": files if len(files) <= MAX_LISTED_FILES else None}
+
+
+class _Staging:
+    """A scratch folder beside the output folder (same file system, so moving files out of it is atomic)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise DataError(f"output {out} is a file; --out must be a folder (created if missing)")
+        existing = out.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise DataError(f"cannot create output folder {out}: {existing} is a file, not a folder; choose another "
+                            "--out")
+        if out.exists() and not os.access(out, os.W_OK):
+            raise DataError(f"cannot write to output folder {out} (permission denied); choose another --out")
+        parent = out.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".partial", dir=parent))
+        except OSError as exc:
+            raise DataError(f"cannot write to {parent} ({exc.strerror}); choose another --out") from None
+        return self.path
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            raise DataError(f"writing {self.out} failed: {exc.strerror}; free space or choose another --out") from None
+
+
+def _commit(scratch: Path, out: Path) -> None:
+    """Move the outputs into `out`, each with one atomic rename, meta.json last.
+
+    A reader that opens the folder in the middle finds an older meta.json whose token counts do not match the new
+    .bin files, and `PreparedDataset` refuses it rather than reading a mix.
+    """
+    out.mkdir(exist_ok=True)
+    for name in OUTPUT_FILES:
+        os.replace(scratch / name, out / name)
+
+
+def ensure_prepared(data: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
+                    block_size: int | None = None, **options: Any) -> Path:
+    """A prepared dataset for `data`: `data` itself if it is one, else a cached preparation of it.
+
+    The cache subfolder is named after the source and a hash of its absolute path, every input file's size and
+    modification time, and the options that change the output (`options` are `prepare_dataset`'s keywords; they
+    are ignored when `data` is already prepared). A valid preparation with the same key is reused; editing a file
+    or changing an option prepares anew. block_size: DataError if a split is shorter than block_size + 1 tokens.
+    """
+    path = Path(data)
+    if not is_prepared(path):
+        path = Path(cache_dir) / _cache_name(path, options)
+        try:
+            PreparedDataset(path)
+        except DataError:  # not there yet, or left incomplete
+            prepare_dataset(data, path, block_size=block_size, **options)
+            return path
+    if block_size is not None:
+        meta = PreparedDataset(path).meta
+        _check_block_size(min(meta["counts"]["train_tokens"], meta["counts"]["val_tokens"]), block_size, path,
+                          meta["options"]["val_fraction"])
+    return path
+
+
+def _cache_name(source: Path, options: dict[str, Any]) -> str:
+    """`<source name>-<16 hex digits>`, the digits hashing what determines the prepared output."""
+    defaults = _prepare_defaults()
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown data option(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
+    settings = {**defaults, **options}
+    reader = Source(source, **{k: settings[k] for k in ("text_field", "csv_column", "separator", "errors")})
+    key = hashlib.sha256(json.dumps({
+        "format": FORMAT, "tokenizer": RANKS_SHA256, "source": str(source.resolve()),
+        "options": {k: v for k, v in settings.items() if k not in ("workers", "progress")},
+        "files": [(f.name, f.size, f.mtime_ns) for f in reader.files],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source.resolve().stem or "data") + f"-{key}"
+
+
+def _prepare_defaults() -> dict[str, Any]:
+    """prepare_dataset's keyword options and their defaults (block_size is a check, not an option)."""
+    parameters = inspect.signature(prepare_dataset).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "block_size"}
+
+
+def format_summary(meta: dict[str, Any], out: str | os.PathLike[str], seconds: float) -> str:
+    """A few lines saying what a preparation read, removed and wrote."""
+    c = meta["counts"]
+    changed = ", ".join(f"{step} {s['documents_changed']:,}" for step, s in meta["cleaning"].items()) or "none"
+    source = meta["source"]
+    lines = [
+        f"prepared {out} from {source['path']} ({source['file_count']:,} file(s), {source['bytes']:,} bytes)",
+        f"  documents  {c['documents_read']:,} read, {c['duplicates_removed']:,} duplicates and "
+        f"{c['documents_empty']:,} empty removed: {c['documents']:,} kept = {c['train_documents']:,} train + "
+        f"{c['val_documents']:,} val",
+        f"  tokens     {c['tokens']:,} = {c['train_tokens']:,} train + {c['val_tokens']:,} val, 0 padding "
+        f"({c['tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {seconds:.1f} s)",
+        f"  cleaning   documents changed: {changed}; bytes removed: {c['bytes_removed_cleaning']:,} by cleaning, "
+        f"{c['bytes_removed_duplicates']:,} with duplicates",
+    ]
+    if c["replaced_sequences"]:
+        lines.append(f"  encoding   {c['replaced_sequences']:,} invalid UTF-8 sequences replaced by U+FFFD")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`prepare [INPUT] --out DIR [options]`; without INPUT, build the bundled pydocs corpus."""
+    parser = make_parser("prepare", description="Clean, tokenise and pack text into train.bin/val.bin/meta.json. "
+                         "Without INPUT, build the bundled corpus of Python standard library documentation.")
+    parser.add_argument("input", nargs="?", metavar="INPUT",
+                        help="a .txt/.md/.json/.jsonl/.csv file or a folder of .txt/.md files")
+    add_flag(parser, "out", metavar="DIR", help="output folder (required with INPUT; default for pydocs: "
+             "data/pydocs)")
+    add_flag(parser, "text_field", default="text", metavar="NAME", help="field of JSON records holding the text")
+    add_flag(parser, "csv_column", default="text", metavar="NAME", help="CSV column holding the text")
+    add_flag(parser, "separator", metavar="TEXT",
+             help="split a .txt file into documents at this text (default: at blank lines)")
+    add_flag(parser, "val_fraction", type=float, default=0.1, metavar="F", help="share of documents for validation")
+    add_flag(parser, "seed", type=int, default=1337, help="seed of the train/val split")
+    add_flag(parser, "errors", choices=ERROR_MODES, default="strict",
+             help="invalid UTF-8: stop with an error (strict) or substitute U+FFFD (replace)")
+    add_dataclass_flags(parser, CleaningOptions)
+    add_flag(parser, "block_size", type=int, metavar="N", help="fail unless each split holds a window of N+1 tokens")
+    add_flag(parser, "workers", type=int, metavar="N", help="tokeniser threads (default: all cores)")
+    add_flag(parser, "quiet", action="store_true", help="no progress bar or summary")
+    args = parser.parse_args(argv)
+    if args.input is None:
+        from .pydocs import build_pydocs  # pydocs itself prepares through this module
+
+        build_pydocs(args.out or "data/pydocs", progress=not args.quiet)
+        return 0
+    if args.out is None:
+        parser.error("--out DIR is required with an INPUT")
+    prepare_dataset(args.input, args.out, text_field=args.text_field, csv_column=args.csv_column,
+                    separator=args.separator, val_fraction=args.val_fraction, seed=args.seed, errors=args.errors,
+                    block_size=args.block_size, workers=args.workers, progress=not args.quiet,
+                    **dataclass_from_flags(CleaningOptions, args).to_dict())
+    return 0
+
+
+def cli() -> None:
+    """Entry point of `minigpt2-prepare` and `python -m minigpt2.prepare`."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

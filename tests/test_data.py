@@ -1,0 +1,476 @@
+"""The data pipeline: reading, cleaning, packing, splitting, loading, the pydocs corpus and the prepare CLI.
+
+Oracles are independent of the code under test: expected documents are written out by hand, token streams are
+rebuilt with `Tokenizer.encode` one document at a time, and loader tests use a token array whose values are their
+own positions (tokens[i] == i), so every window says where it was cut from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt2 import ConfigError, DataError, Tokenizer
+from minigpt2 import sources
+from minigpt2.cli import run_main
+from minigpt2.cleaning import Cleaner, CleaningOptions, normalize_whitespace, strip_emoji, strip_html
+from minigpt2.dataset import BatchLoader, PreparedDataset, iter_eval_batches
+from minigpt2.prepare import ensure_prepared, main, prepare_dataset
+from minigpt2.pydocs import build_pydocs, default_corpus, module_documents, stdlib_modules
+from minigpt2.sources import Source
+
+ROOT = Path(__file__).resolve().parent.parent
+EOT = 50256
+TOK = Tokenizer()
+
+
+def packed(documents: list[str]) -> np.ndarray:
+    """The expected token stream: <|endoftext|> before each document."""
+    ids: list[int] = []
+    for text in documents:
+        ids += [EOT, *TOK.encode(text)]
+    return np.array(ids, dtype=np.uint16)
+
+
+def split_documents(tokens: np.ndarray) -> list[str]:
+    assert len(tokens) and tokens[0] == EOT
+    bounds = [*np.flatnonzero(tokens == EOT), len(tokens)]
+    return [TOK.decode(tokens[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
+
+
+def check_prepared(out: Path, expected: list[str]) -> tuple[list[str], list[str]]:
+    """`out` holds exactly `expected` (in order within each split), packed with no padding; returns the splits."""
+    data = PreparedDataset(out)
+    train, val = (split_documents(np.asarray(data.tokens(s))) for s in ("train", "val"))
+    assert sorted(train + val) == sorted(expected)
+    assert train == [d for d in expected if d in set(train)] and val == [d for d in expected if d in set(val)]
+    assert np.array_equal(data.tokens("train"), packed(train))
+    assert np.array_equal(data.tokens("val"), packed(val))
+    counts = data.meta["counts"]
+    assert counts["train_tokens"] + counts["val_tokens"] == sum(len(TOK.encode(d)) + 1 for d in expected)
+    assert (counts["train_documents"], counts["val_documents"]) == (len(train), len(val))
+    return train, val
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+# -- reading and cleaning ----------------------------------------------------------------------------------------
+
+MESSY = (b"Hello   world.  \r\nSecond line of doc one.\r\n\r\n"
+         b"<p>Cafe\xcc\x81 &amp; cr\xc3\xa8me</p>\n\n"
+         b"Bell\x07 and\x1b escape\n\n\n\n"
+         b"Hello   world.  \nSecond line of doc one.\n\n   \n"
+         b"x\xc2\xa0y\xe3\x80\x80z\n\n"
+         b"if a < b and c > d: return <BLANKLINE>\n\n"
+         b"<b></b>\n")
+MESSY_CLEAN = ["Hello   world.\nSecond line of doc one.", "Café & crème", "Bell and escape", "x y z",
+               "if a < b and c > d: return <BLANKLINE>"]
+
+
+def test_txt_is_cleaned_deduplicated_and_packed(tmp_path):
+    source = write(tmp_path / "messy.txt", MESSY)
+    meta = prepare_dataset(source, tmp_path / "out", progress=False)
+    check_prepared(tmp_path / "out", MESSY_CLEAN)
+    counts = meta["counts"]
+    assert counts["documents_read"] == 7 and counts["documents_empty"] == 1 and counts["duplicates_removed"] == 1
+    assert counts["documents"] == 5 and counts["val_documents"] == 1  # max(1, round(5 * 0.1))
+    assert counts["bytes_removed_duplicates"] == len(MESSY_CLEAN[0].encode())
+    assert counts["padding_tokens"] == 0
+    changed = {step: s["documents_changed"] for step, s in meta["cleaning"].items()}
+    assert changed == {"html": 2, "unicode": 1, "control": 1, "whitespace": 4}
+    assert meta["cleaning"]["control"]["chars_removed"] == 2
+    assert meta["source"]["files"] == [{"path": "messy.txt", "bytes": len(MESSY), "documents": 7,
+                                        "sha256": hashlib.sha256(MESSY).hexdigest()}]
+    assert meta["tokenizer"]["eot_token"] == EOT and meta["dtype"] == "uint16"
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+
+
+def test_cleaning_steps_can_be_switched_off(tmp_path):
+    source = write(tmp_path / "messy.txt", MESSY)
+    meta = prepare_dataset(source, tmp_path / "out", strip_html=False, normalize_unicode=False, drop_control=False,
+                           normalize_whitespace=False, dedup=False, progress=False)
+    expected = ["Hello   world.  \r\nSecond line of doc one.", "<p>Cafe\u0301 &amp; cr\u00e8me</p>",
+                "Bell\x07 and\x1b escape", "Hello   world.  \nSecond line of doc one.", "x\u00a0y\u3000z",
+                "if a < b and c > d: return <BLANKLINE>", "<b></b>"]
+    assert expected[3] == expected[0].replace("\r", "")  # the duplicate differs before cleaning
+    check_prepared(tmp_path / "out", expected)
+    assert meta["cleaning"] == {} and meta["counts"]["duplicates_removed"] == 0
+
+
+def test_cleaning_functions():
+    assert strip_html('<div class="a">one</div><span>two</span> &lt;3 &copy=2 &#233;') == "\none\ntwo <3 &copy=2 é"
+    assert strip_html("a<script>var x = '<p>';</script>b<!-- note -->c") == "abc"
+    assert strip_html("List<int> and <module> and a<b") == "List<int> and <module> and a<b"
+    assert normalize_whitespace("\n\n  indented\t \r\n\n\n\nnext\u2028line  \n") == "  indented\n\nnext\nline"
+    assert strip_emoji("ok 👍🏽 fine 👩‍👩‍👧 end 🇫🇷!") == "ok fine end!"
+    assert strip_emoji("naïve café") == "naïve café"
+    cleaner = Cleaner(CleaningOptions(strip_emoji=True))
+    assert cleaner("<p>hi 🙂</p>") == "hi"
+    assert cleaner.stats.to_dict()["emoji"] == {"documents_changed": 1, "chars_removed": 2}
+
+
+def test_formats_and_folders(tmp_path):
+    write(tmp_path / "r.jsonl", '{"body": "first record", "id": 1}\n\n{"body": "second\\nrecord"}\n')
+    write(tmp_path / "r.json", '[\n  {"text": "a"},\n  {"text": "b \\u00e9", "x": [1, {"y": "]"}]}\n]\n')
+    write(tmp_path / "r.csv", 'id,content\n1,"multi\nline, with comma"\n2,plain\n')
+    write(tmp_path / "sep.txt", "one\n\nstill one<|endoftext|>two<|endoftext|>\nthree\n")
+    folder = tmp_path / "folder"
+    for name, text in {"b.txt": "bee", "sub/a.md": "# A\n\ntext", "c.TXT": "sea", ".hidden.txt": "no",
+                       ".git/x.txt": "no", "skip.py": "no", "notes.json": "no"}.items():
+        write(folder / name, text)
+    cases = [("r.jsonl", {"text_field": "body"}, ["first record", "second\nrecord"]),
+             ("r.json", {}, ["a", "b é"]),
+             ("r.csv", {"csv_column": "content"}, ["multi\nline, with comma", "plain"]),
+             ("sep.txt", {"separator": "<|endoftext|>"}, ["one\n\nstill one", "two", "three"]),
+             ("folder", {}, ["bee", "sea", "# A\n\ntext"])]
+    for name, options, expected in cases:
+        prepare_dataset(tmp_path / name, tmp_path / f"out-{name}", progress=False, **options)
+        check_prepared(tmp_path / f"out-{name}", expected)
+    files = PreparedDataset(tmp_path / "out-folder").meta["source"]["files"]
+    assert [f["path"] for f in files] == ["b.txt", "c.TXT", "sub/a.md"]
+
+
+def test_json_list_streams_in_small_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "READ_BLOCK", 7)  # every record straddles several buffer refills
+    records = [{"text": f"record {i} " + "x" * (i * 5), "n": [i, {"t": "]},"}]} for i in range(12)]
+    path = write(tmp_path / "big.json", json.dumps(records, indent=2))
+    assert list(Source(path).documents()) == [r["text"] for r in records]
+    lines = ["[", '{"text": "ok"},', '{"text": "fine"},', '{"text": "also fine"},', '{"text": oops},', "]"]
+    bad = write(tmp_path / "bad.json", "\n".join(lines))
+    with pytest.raises(DataError, match=r"bad\.json:5: invalid JSON"):
+        list(Source(bad).documents())
+
+
+@pytest.mark.parametrize("name, content, options, message", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": }\n', {}, r"bad\.jsonl:3: invalid JSON"),
+    ("obj.json", '{"text": "a"}', {}, r"obj\.json:1: invalid JSON \(expected '\[' to open a list"),
+    ("open.json", '[{"text": "a"},\n{"text": "b"}', {}, r"open\.json:2: invalid JSON \(the list is not closed"),
+    ("nofield.json", '[{"text": "a"},\n {"body": "b"}]', {}, r"nofield\.json:2: record has no 'text' field "
+                                                              r"\(its fields: 'body'\); pass --text-field"),
+    ("nulltext.jsonl", '{"text": null}', {}, r"nulltext\.jsonl:1: field 'text' is NoneType"),
+    ("surrogate.jsonl", '{"text": "a\\ud800b"}', {}, r"lone surrogate"),
+    ("nocol.csv", "a,b\n1,2\n", {}, r"nocol\.csv: no column 'text' in the header row \(columns: 'a', 'b'\)"),
+    ("short.csv", "a,text\n1\n", {}, r"short\.csv:2: the row has 1 fields"),
+    ("latin.txt", b"ok\ncaf\xe9\n", {}, r"latin\.txt: invalid UTF-8 byte b'\\xe9' at byte offset 6"),
+    ("utf16.txt", "hi".encode("utf-16"), {}, r"utf16\.txt is not text: NUL byte at byte offset 3"),
+    ("image.png", b"\x89PNG", {}, r"image\.png: unsupported file type '\.png'"),
+])
+def test_bad_records_name_file_line_and_fix(tmp_path, name, content, options, message):
+    path = write(tmp_path / name, content)
+    with pytest.raises(DataError, match=message):
+        list(Source(path, **options).documents())
+
+
+def test_invalid_utf8_can_be_replaced_and_counted(tmp_path):
+    source = write(tmp_path / "latin.txt", b"caf\xe9 cr\xe8me \xef\xbf\xbd kept\n\nsecond\n")
+    meta = prepare_dataset(source, tmp_path / "out", errors="replace", progress=False)
+    check_prepared(tmp_path / "out", ["caf\ufffd cr\ufffdme \ufffd kept", "second"])
+    assert meta["counts"]["replaced_sequences"] == 2  # the U+FFFD already in the file is not counted
+    surrogate = write(tmp_path / "s.jsonl", '{"text": "a\\ud800b"}\n{"text": "c"}\n')
+    prepare_dataset(surrogate, tmp_path / "out2", errors="replace", progress=False)
+    check_prepared(tmp_path / "out2", ["a\ufffdb", "c"])
+
+
+# -- splitting, atomic outputs, caching ---------------------------------------------------------------------------
+
+def test_split_counts_seed_and_workers(tmp_path):
+    documents = [f"document number {i} says {'la ' * i}".strip() for i in range(40)]
+    source = write(tmp_path / "docs.txt", "\n\n".join(documents))
+    for fraction, n_val in ((0.1, 4), (0.5, 20), (0.01, 1), (0.99, 39)):
+        meta = prepare_dataset(source, tmp_path / "out", val_fraction=fraction, progress=False)
+        assert (meta["counts"]["train_documents"], meta["counts"]["val_documents"]) == (40 - n_val, n_val)
+    splits = {}
+    for seed, workers in ((1, 1), (1, 2), (2, 2)):
+        prepare_dataset(source, tmp_path / f"s{seed}w{workers}", seed=seed, workers=workers, progress=False)
+        splits[seed, workers] = check_prepared(tmp_path / f"s{seed}w{workers}", documents)
+        for split in ("train", "val"):
+            splits[seed, workers, split] = (tmp_path / f"s{seed}w{workers}" / f"{split}.bin").read_bytes()
+    assert splits[1, 1] == splits[1, 2] and splits[1, 1, "train"] == splits[1, 2, "train"]
+    assert splits[1, 1] != splits[2, 2]  # another seed, other validation documents
+    with pytest.raises(ConfigError, match="val_fraction"):
+        prepare_dataset(source, tmp_path / "x", val_fraction=1.0, progress=False)
+
+
+def test_failed_run_leaves_previous_dataset_intact(tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset(write(tmp_path / "good.txt", "alpha\n\nbeta\n\ngamma\n"), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n' * 1000 + "{oops\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1001"):
+        prepare_dataset(bad, out, progress=False)
+    with pytest.raises(DataError, match="too small for block_size 8"):
+        prepare_dataset(tmp_path / "good.txt", out, block_size=8, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.txt", "out"]  # no scratch left over
+
+
+def test_ensure_prepared_caches_by_content_and_options(tmp_path):
+    source = write(tmp_path / "corpus.txt", "\n\n".join(f"paragraph {i} " * 20 for i in range(30)))
+    cache = tmp_path / "cache"
+    first = ensure_prepared(source, cache, block_size=16, progress=False)
+    assert first.parent == cache and PreparedDataset(first).meta["counts"]["documents"] == 30
+    assert ensure_prepared(first, cache) == first  # a prepared folder is used as it is
+
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert ensure_prepared(source, cache, progress=False) == first
+    assert (first / "meta.json").stat().st_mtime_ns == stamp  # reused, not prepared again
+    other = ensure_prepared(source, cache, seed=5, progress=False)
+    write(source, source.read_text() + "\n\none more paragraph")
+    changed = ensure_prepared(source, cache, progress=False)
+    assert len({first, other, changed}) == 3
+    assert PreparedDataset(changed).meta["counts"]["documents"] == 31
+    with pytest.raises(DataError, match="too small for block_size 100000"):
+        ensure_prepared(first, cache, block_size=100000)
+    with pytest.raises(ConfigError, match="unknown data option"):
+        ensure_prepared(source, cache, colour="blue")
+
+
+def test_prepared_dataset_validates_its_folder(tmp_path):
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        PreparedDataset(tmp_path)
+    out = tmp_path / "out"
+    prepare_dataset(write(tmp_path / "a.txt", "one two\n\nthree four\n"), out, progress=False)
+    tokens = PreparedDataset(out).tokens("train")
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
+    with open(out / "train.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match="incomplete or was modified"):
+        PreparedDataset(out)
+
+
+# -- the loader -------------------------------------------------------------------------------------------------
+
+POSITIONS = np.arange(1000, dtype=np.uint16)  # tokens[i] == i: a window's first token is where it starts
+
+
+def batches(loader: BatchLoader, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [loader.next_batch() for _ in range(steps)]
+
+
+def test_windows_are_slices_of_the_tokens(tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset(write(tmp_path / "a.txt", "\n\n".join(f"text {i} " * 30 for i in range(20))), out,
+                    progress=False)
+    tokens = PreparedDataset(out).tokens("train")
+    x, y = BatchLoader(tokens, 4, 32, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x, y):
+        starts = [s for s in range(len(tokens) - 32) if np.array_equal(tokens[s:s + 32], row_x.numpy())]
+        assert any(np.array_equal(tokens[s + 1:s + 33], row_y.numpy()) for s in starts)
+    for mode in ("random", "epoch"):
+        x, y = BatchLoader(POSITIONS, 8, 16, mode=mode).next_batch()
+        assert torch.equal(x, x[:, :1] + torch.arange(16)) and torch.equal(y, x + 1)
+        assert int(x.min()) >= 0 and int(y.max()) <= 999
+
+
+def test_epoch_mode_visits_every_window_once():
+    loader = BatchLoader(POSITIONS, 4, 16, mode="epoch", seed=3)
+    n_windows = 999 // 16  # 62: windows of 17 tokens starting at multiples of 16
+    starts = torch.cat([x[:, 0] for x, _ in batches(loader, 16)]).tolist()  # 64 windows: one epoch and 2 more
+    assert sorted(starts[:n_windows]) == [16 * i for i in range(n_windows)]
+    assert (loader.epoch, loader.position) == (1, 2)
+    assert starts[:n_windows] != sorted(starts[:n_windows])  # shuffled
+    again = torch.cat([x[:, 0] for x, _ in batches(BatchLoader(POSITIONS, 4, 16, mode="epoch", seed=3), 16)])
+    assert again.tolist() == starts
+
+
+@pytest.mark.parametrize("mode", ["random", "epoch"])
+def test_ranks_share_the_global_batch(mode):
+    single = BatchLoader(POSITIONS, 4, 16, mode=mode, seed=9)
+    ranks = [BatchLoader(POSITIONS, 2, 16, mode=mode, seed=9, rank=r, world_size=2) for r in range(2)]
+    for _ in range(20):
+        x, y = single.next_batch()
+        parts = [rank.next_batch() for rank in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        if mode == "epoch":
+            assert not set(parts[0][0][:, 0].tolist()) & set(parts[1][0][:, 0].tolist())
+    resumed = BatchLoader(POSITIONS, 4, 16, mode=mode, seed=0)  # 2 ranks x 2 resume as 1 x 4
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(resumed.next_batch()[0], single.next_batch()[0])
+
+
+@pytest.mark.parametrize("mode", ["random", "epoch"])
+def test_resume_is_bit_identical(mode):
+    uninterrupted = batches(BatchLoader(POSITIONS, 3, 16, mode=mode, seed=7), 40)  # epoch mode: 2 epochs
+    first = BatchLoader(POSITIONS, 3, 16, mode=mode, seed=7)
+    batches(first, 19)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert len(json.dumps(state)) < 300
+    restored = BatchLoader(POSITIONS, 3, 16, mode=mode, seed=12345)
+    restored.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(uninterrupted[19:], batches(restored, 21)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ConfigError, match="block_size"):
+        BatchLoader(POSITIONS, 3, 8, mode=mode).load_state_dict(state)
+
+
+def test_eval_batches_and_loader_errors():
+    full = list(iter_eval_batches(POSITIONS, 5, 16))
+    assert [len(x) for x, _ in full] == [5] * 12 + [2]
+    assert torch.cat([x[:, 0] for x, _ in full]).tolist() == [16 * i for i in range(62)]
+    capped = list(iter_eval_batches(POSITIONS, 5, 16, max_batches=2))
+    assert torch.cat([x[:, 0] for x, _ in capped]).tolist() == [16 * (i * 62 // 10) for i in range(10)]
+    assert all(torch.equal(y, x + 1) for x, y in capped)
+    with pytest.raises(DataError, match="fewer than block_size"):
+        BatchLoader(POSITIONS[:16], 1, 16)
+    with pytest.raises(ConfigError, match="rank"):
+        BatchLoader(POSITIONS, 1, 16, rank=2, world_size=2)
+
+
+# -- the pydocs corpus ------------------------------------------------------------------------------------------
+
+MODULE = '''"""Module doc."""
+
+
+
+def public(a, b=1):
+    """Add things."""
+    return a + b
+
+
+def undocumented():
+    return 1
+
+
+def _private():
+    """Private helper."""
+
+
+class Thing(Base):
+    """A thing."""
+
+    @property
+    def size(self):
+        """The size."""
+        return 3
+
+    def plain(self):
+        pass
+'''
+
+
+def test_pydocs_documents_and_module_selection(tmp_path):
+    header = "# module: pkg.mod\n"
+    assert list(module_documents("pkg.mod", MODULE)) == [
+        header + '"""Module doc."""',
+        header + 'def public(a, b=1):\n    """Add things."""\n    return a + b',
+        header + 'def _private():\n    """Private helper."""',
+        header + 'class Thing(Base):\n    """A thing."""',
+        header + 'class Thing(Base):\n    @property\n    def size(self):\n        """The size."""\n        return 3',
+    ]
+    for name in ["a.py", "_b.py", "test_c.py", "pkg/__init__.py", "pkg/d.py", "test/e.py", "site-packages/f.py",
+                 "_priv/g.py", "turtledemo/h.py", "x.txt"]:
+        write(tmp_path / name, "")
+    assert [m for m, _ in stdlib_modules(tmp_path)] == ["a", "pkg", "pkg.d"]
+
+
+def test_pydocs_corpus_builds_from_the_running_python(tmp_path):
+    started = time.perf_counter()
+    out = build_pydocs(tmp_path / "pydocs", progress=False)
+    assert time.perf_counter() - started < 60
+    meta = PreparedDataset(out).meta
+    assert 1_500_000 < meta["counts"]["tokens"] < 10_000_000
+    texts = [json.loads(line)["text"] for line in (out / "pydocs.jsonl").read_text().splitlines()]
+    assert any(t.startswith("# module: textwrap\n") for t in texts)
+    assert not any(t.startswith(("# module: test.", "# module: _")) for t in texts)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert default_corpus(out) == out and (out / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Run every bad-input case through `python data/prepare.py` at once (they are independent processes).
+
+    Each case writes to its own copy of a prepared dataset, to check that a failure leaves it as it was.
+    """
+    tmp = tmp_path_factory.mktemp("cli")
+    good = write(tmp / "good.txt", "\n\n".join(f"good paragraph {i}" for i in range(20)))
+    prepare_dataset(good, tmp / "baseline", progress=False)
+    inputs = {
+        "missing path": (tmp / "nope.txt", []),
+        "empty file": (write(tmp / "empty.txt", b""), []),
+        "empty folder": (write(tmp / "folder" / "script.py", "x = 1").parent, []),
+        "smaller than one block": (write(tmp / "small.txt", "a b c\n\nd e f\n"), ["--block-size", "256"]),
+        "binary file": (write(tmp / "blob.txt", bytes(range(256)) * 4), []),
+        "invalid JSON": (write(tmp / "bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c",}\n'), []),
+        "record without field": (write(tmp / "nofield.jsonl", '{"body": "a"}\n'), []),
+        "CSV without column": (write(tmp / "nocol.csv", "title,body\nx,y\n"), []),
+        "invalid UTF-8": (write(tmp / "latin.txt", b"na\xefve\n"), []),
+        "unwritable output": (good, ["--out", str(good / "sub")]),
+    }
+    processes = {}
+    for case, (source, extra) in inputs.items():
+        out = tmp / f"out-{len(processes)}"
+        shutil.copytree(tmp / "baseline", out)
+        command = [sys.executable, str(ROOT / "data" / "prepare.py"), str(source), "--out", str(out), *extra]
+        processes[case] = (out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 cwd=tmp))
+    ok_out = tmp / "ok"
+    processes["ok"] = (ok_out, subprocess.Popen([sys.executable, "-m", "minigpt2.prepare", str(good), "--out",
+                                                 str(ok_out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                text=True, cwd=ROOT))
+    results = {}
+    for case, (out, process) in processes.items():
+        stdout, stderr = process.communicate(timeout=120)
+        results[case] = (process.returncode, stdout, stderr, out)
+    baseline = {p.name: p.read_bytes() for p in (tmp / "baseline").iterdir()}
+    return results, baseline, tmp
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing path", ["nope.txt does not exist", "pass a .txt"]),
+    ("empty file", ["empty.txt is empty", "add text"]),
+    ("empty folder", ["folder contains no .txt or .md files", "add some"]),
+    ("smaller than one block", ["small.txt is too small for block_size 256", "smaller block size"]),
+    ("binary file", ["blob.txt is not text: NUL byte at byte offset 0", "convert it to UTF-8"]),
+    ("invalid JSON", ["bad.jsonl:3: invalid JSON", "fix or remove that line"]),
+    ("record without field", ["nofield.jsonl:1: record has no 'text' field", "--text-field NAME"]),
+    ("CSV without column", ["nocol.csv: no column 'text'", "--csv-column NAME"]),
+    ("invalid UTF-8", ["latin.txt: invalid UTF-8 byte b'\\xef' at byte offset 2", "--errors replace"]),
+    ("unwritable output", ["good.txt is a file, not a folder", "choose another --out"]),
+])
+def test_cli_bad_input_is_one_line_exit_2(cli_runs, case, expected):
+    results, baseline, tmp = cli_runs
+    code, stdout, stderr, out = results[case]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for part in expected:
+        assert part in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == baseline
+    assert not [p for p in tmp.iterdir() if p.name.endswith(".partial")]
+
+
+def test_cli_prepares_and_summarises(cli_runs):
+    code, _, stderr, out = cli_runs[0]["ok"]
+    assert code == 0, stderr
+    assert "20 read" in stderr and "0 padding" in stderr
+    check_prepared(out, [f"good paragraph {i}" for i in range(20)])
+
+
+def test_cli_in_process_usage_errors(tmp_path, capsys):
+    single = write(tmp_path / "one.txt", "just one paragraph\nover two lines\n")
+    for argv, message in [([str(single), "--out", str(tmp_path / "o")], "has a single document"),
+                          ([str(single)], "--out DIR is required"),
+                          ([str(single), "--out", str(tmp_path / "o"), "--val-fraction", "0"], "val_fraction")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
