@@ -53,12 +53,14 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
-# Configs that do not fit (shared memory, registers) are dropped by the autotuner. Every config keeps
-# BLOCK_M % BLOCK_N == 0 (forward, dq) or BLOCK_N % BLOCK_M == 0 (dk/dv), so the diagonal band splits into whole
-# tiles. The key T_BUCKET (T rounded up to a power of two) retunes per length class, not per exact length.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)])
-_BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)])
-_BWD_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)])
+# Configs that need more shared memory than the GPU has are dropped by the autotuner; the last of each list is
+# small enough (< 100 KB even for fp32 and hs=128) to fit everywhere. Every config keeps BLOCK_M % BLOCK_N == 0
+# (forward, dq) or BLOCK_N % BLOCK_M == 0 (dk/dv), so the diagonal band splits into whole tiles. The key T_BUCKET
+# (T rounded up to a power of two) retunes per length class, not per exact length.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+                         (64, 32, 4, 2)])
+_BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
+_BWD_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 1)])
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "INPUT_PRECISION"]
 
 
@@ -86,7 +88,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kt, stride_vt,
         # Online softmax. After each tile, m_i is the row max of the scores seen so far, l_i = sum exp2(s - m_i)
         # and acc = sum exp2(s - m_i) v. When a new tile raises the max, the old terms were computed against a
         # max that was too small, so both sums are rescaled by alpha = exp2(m_old - m_new) <= 1 before the new
-        # terms are added: everything stays <= 1 (no overflow) and the result equals one softmax over all keys.
+        # terms are added. Every exponent is <= 0, so nothing overflows, and the end result is exactly one softmax
+        # over all the keys.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])  # masked scores: exp2(-inf) = 0
@@ -145,3 +148,276 @@ def _fwd_kernel(Q, K, V, O, LSE, KEY_REAL,
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
+
+
+# -------------------------------------------------------------------------------------------------- backward
+#
+# With P = softmax(S), S = scale q k^T, O = P v and dO the incoming gradient:
+#   dV = P^T dO,   dP = dO v^T,   dS = P * (dP - delta),   dQ = scale dS k,   dK = scale dS^T q,
+# where delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id (the softmax Jacobian's rank-one part; the second form needs
+# no P). P is rebuilt per tile as exp2(S log2(e) - LSE). dK/dV and dQ are reductions over different axes (over
+# queries for a key, over keys for a query), so each gets its own kernel: every program owns the rows it writes
+# and accumulates them in registers, with no atomics and a deterministic result.
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                      n_heads, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, for BLOCK_M rows of one (batch, head)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, key_real, stride_qt, stride_dot, offs_n,
+                    lo, hi, T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
+                    HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Add the contributions of the query tiles [lo, hi) to dk, dv of the key rows offs_n (all transposed: the
+    probabilities are built as P^T, keys x queries, so that dV = P^T dO is a plain matmul)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = q.to(DOT_DTYPE)
+        # Rows past T get lse = +inf, hence P = exp2(-inf) = 0, and dO = delta = 0: they contribute nothing.
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
+        if DIAGONAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        if HAS_PAD:
+            pT = tl.where(key_real[:, None] | (offs_m[None, :] == offs_n[:, None]), pT, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = do.to(DOT_DTYPE)
+        dv = tl.dot(pT.to(DOT_DTYPE), do, dv, input_precision=INPUT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(DOT_DTYPE), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KEY_REAL,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                     n_heads, T, T_BUCKET, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAD: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK, dV for BLOCK_N key rows of one (batch, head), streaming over the queries that can see them."""
+    start_n = tl.program_id(0) * BLOCK_N  # the first key tiles see the most queries and are launched first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
+    key_real = key_ok
+    if HAS_PAD:
+        key_real = tl.load(KEY_REAL + b * T + offs_n, mask=key_ok, other=0) != 0
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Queries [start_n, start_n + BLOCK_N) straddle the diagonal; queries before start_n never see these keys.
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + pid_bh * T, DELTA + pid_bh * T, key_real,
+                             stride_qt, stride_dot, offs_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, HAS_PAD, DOT_DTYPE, INPUT_PRECISION)
+    # Queries from start_n + BLOCK_N on come after every key of this tile: causally visible, no mask needed.
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + pid_bh * T, DELTA + pid_bh * T, key_real,
+                             stride_qt, stride_dot, offs_n, start_n + BLOCK_N, T, T, qk_scale,
+                             HEAD_DIM, BLOCK_M, False, HAS_PAD, DOT_DTYPE, INPUT_PRECISION)
+
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kt, stride_vt, offs_m, lo, hi, T,
+                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                  HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Add the contributions of the key tiles [lo, hi) to dq of the query rows offs_m."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        k = k.to(DOT_DTYPE)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        v = v.to(DOT_DTYPE)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
+        if DIAGONAL:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        if HAS_PAD:
+            real = tl.load(pad_base + offs_n, mask=in_seq, other=0) != 0
+            p = tl.where(real[None, :] | (offs_n[None, :] == offs_m[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT_DTYPE), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KEY_REAL,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                   stride_dqb, stride_dqh, stride_dqt,
+                   n_heads, T, T_BUCKET, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAD: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ for BLOCK_M query rows of one (batch, head), streaming over the keys they see (same tiling as forward)."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest tiles first, as in the forward
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_base = KEY_REAL + b * T
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kt, stride_vt, offs_m,
+                       0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, HAS_PAD, DOT_DTYPE, INPUT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kt, stride_vt, offs_m,
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, HAS_PAD,
+                       DOT_DTYPE, INPUT_PRECISION)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch_options(q: torch.Tensor, T: int) -> dict:
+    """Kernel arguments shared by all launches: sizes, and the constexprs that pick the matmul precision."""
+    # fp32 inputs get exact fp32 matmuls unless torch itself allows TF32 (as torch's own matmuls do).
+    tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return dict(n_heads=q.shape[1], T=T, T_BUCKET=triton.next_power_of_2(T), HEAD_DIM=q.shape[3],
+                DOT_DTYPE=tl.float32 if INTERPRET else _DOT_DTYPES[q.dtype],
+                INPUT_PRECISION="tf32" if tf32 else "ieee")
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_real: torch.Tensor | None,
+             sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, _ = q.shape
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_kernel[grid](q, k, v, o, lse, key_real if key_real is not None else lse,  # placeholder, never read
+                      *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(o),
+                      qk_scale=sm_scale * _LOG2E, HAS_PAD=key_real is not None, **_launch_options(q, T))
+    return o, lse
+
+
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, key_real: torch.Tensor | None,
+              sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, hs = q.shape
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *_bht_strides(o), *_bht_strides(do), H, T,
+                                                    HEAD_DIM=hs, BLOCK_M=64)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    pad = key_real if key_real is not None else lse  # placeholder, never read without padding
+    options = dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, HAS_PAD=key_real is not None,
+                   **_launch_options(q, T))
+    grid_n = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _bwd_dkdv_kernel[grid_n](q, k, v, do, dk, dv, lse, delta, pad, *_bht_strides(q), *_bht_strides(k),
+                             *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv), **options)
+    grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _bwd_dq_kernel[grid_m](q, k, v, do, dq, lse, delta, pad, *_bht_strides(q), *_bht_strides(k),
+                           *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), **options)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_real: torch.Tensor | None) -> torch.Tensor:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+        o, lse = _forward(q, k, v, key_real, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, key_real)
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, o, lse, key_real = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, key_real, ctx.sm_scale)
+        return dq, dk, dv, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal self-attention softmax(q k^T / sqrt(hs) + mask) v, fused in Triton, with gradients for q, k and v.
+
+    Args:
+        q, k, v: (B, nh, T, hs) tensors of one dtype (float16, bfloat16 or float32) on a CUDA GPU (or on the CPU
+            when TRITON_INTERPRET=1 was set before `kernels` was imported). hs must be 16, 32, 64 or 128; any T.
+            Any strides with a unit stride on hs are used as they are (others are copied).
+        key_padding_mask: optional (B, T) bool, True for real tokens and False for padding (e.g. a left-padded
+            batch). Query i sees key j when j <= i and (key j is real or j == i): padding keys are ignored, and a
+            padding query, with nothing else to see, attends to itself, so its output is finite (and meaningless).
+            No gradient flows into the mask.
+
+    Returns:
+        (B, nh, T, hs) attention output in the dtype of q.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be (B, nh, T, hs); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _DOT_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    B, _, T, hs = q.shape
+    if hs not in _HEAD_DIMS:
+        raise ValueError(f"head size {hs} is not supported: flash_attention needs one of {_HEAD_DIMS}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"flash_attention needs CUDA tensors, got {q.device}; to run Triton's CPU interpreter "
+                           "instead, set TRITON_INTERPRET=1 before importing kernels")
+    key_real = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a ({B}, {T}) bool tensor; got "
+                             f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")
+        key_real = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _FlashAttention.apply(q, k, v, key_real)

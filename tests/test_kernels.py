@@ -1,0 +1,190 @@
+"""The Triton flash attention (kernels/) against torch's SDPA and a naive attention written out here.
+
+Without a CUDA GPU the kernels run in Triton's CPU interpreter, which must be chosen before `kernels` is imported.
+The interpreter computes the matmuls in fp32 whatever the input dtype; the tolerances below are sized for a GPU,
+where fp16/bf16 inputs also round the probabilities to fp16/bf16 before the P @ V matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import flash_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) of a result computed from dtype inputs, against an fp32 reference computed from the same
+# (rounded) inputs. fp32: summation order only. fp16 (11-bit mantissa) and bf16 (8-bit): the rounding of the
+# output, and on a GPU of P and dS, to the input dtype; gradients sum T such terms, hence the looser bf16 bound.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def visibility(T: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool (B or 1, 1, T, T): query i sees key j iff j <= i and (key j is real or j == i) -- the documented rule."""
+    idx = torch.arange(T, device=DEVICE)
+    mask = (idx[None, :] <= idx[:, None])[None, None]
+    if key_padding_mask is not None:
+        mask = mask & (key_padding_mask[:, None, None, :] | (idx[None, :] == idx[:, None]))
+    return mask
+
+
+def naive_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hs) + mask) v, in fp32."""
+    q, k, v = q.float(), k.float(), v.float()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def sdpa_attention(q, k, v, mask):
+    q, k, v = q.float(), k.float(), v.float()
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def random_qkv(B, H, T, hs, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, hs, generator=generator).to(DEVICE, dtype) for _ in range(3)]
+
+
+def output_and_grads(attention, q, k, v, grad_out, **kwargs):
+    """attention(q, k, v) and (dq, dk, dv) for the upstream gradient grad_out, all as fp32."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def check_against_references(q, k, v, key_padding_mask=None, real_rows=None):
+    """Compare output and dq, dk, dv with SDPA and the naive formula, both fp32 on the upcast inputs.
+
+    real_rows: bool (B, T) of query rows whose output is compared (default all); the gradients are always
+    compared in full, every row being defined by the masking rule.
+    """
+    B, H, T, _ = q.shape
+    atol, rtol = TOLERANCES[q.dtype]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ours = output_and_grads(flash_attention, q, k, v, grad_out, key_padding_mask=key_padding_mask)
+    assert all(t.isfinite().all() for t in ours)
+    full_mask = visibility(T, key_padding_mask)
+    sdpa_mask = None if key_padding_mask is None else full_mask
+    references = {
+        "sdpa": output_and_grads(lambda q, k, v: sdpa_attention(q, k, v, sdpa_mask), q.float(), k.float(),
+                                 v.float(), grad_out),
+        "naive": output_and_grads(lambda q, k, v: naive_attention(q, k, v, full_mask), q.float(), k.float(),
+                                  v.float(), grad_out),
+    }
+    rows = (slice(None),) if real_rows is None else (real_rows[:, None, :].expand(B, H, T),)
+    for name, (out, dq, dk, dv) in references.items():
+        torch.testing.assert_close(ours[0][rows], out[rows], atol=atol, rtol=rtol, msg=lambda m: f"{name} out: {m}")
+        for label, mine, theirs in zip(("dq", "dk", "dv"), ours[1:], (dq, dk, dv)):
+            torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol, msg=lambda m: f"{name} {label}: {m}")
+    return ours
+
+
+def test_is_available():
+    assert kernels.is_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, H, T", [(1, 1, 1), (2, 3, 17), (1, 2, 100), (2, 1, 130)])
+def test_causal_matches_references(B, H, T, dtype):
+    check_against_references(*random_qkv(B, H, T, 64, dtype))
+
+
+@pytest.mark.parametrize("hs", [16, 32, 128])
+def test_head_sizes(hs):
+    check_against_references(*random_qkv(2, 2, 70, hs, torch.float32))
+
+
+def test_length_past_one_tile_row():
+    """Several key tiles below the diagonal, so the unmasked loop runs more than once."""
+    check_against_references(*random_qkv(1, 1, 300, 64, torch.float32))
+
+
+def test_strided_inputs_like_the_model():
+    """q, k, v as the model makes them: views of one (B, T, 3C) projection, transposed to (B, nh, T, hs)."""
+    B, T, H, hs = 2, 50, 3, 64
+    qkv = torch.randn(B, T, 3 * H * hs, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv.split(H * hs, dim=2))
+    assert not q.is_contiguous()
+    check_against_references(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T, pads", [(17, [0, 3, 16]), (130, [0, 70, 130])])
+def test_left_padding(T, pads, dtype):
+    """Left-padded batches. With T=130 and pad 70, query rows 64..69 meet a whole key tile of padding before
+    their own position; pad = T is a row of nothing but padding."""
+    B, H = len(pads), 2
+    key_padding_mask = torch.arange(T, device=DEVICE)[None, :] >= torch.tensor(pads, device=DEVICE)[:, None]
+    q, k, v = random_qkv(B, H, T, 64, dtype)
+    out = check_against_references(q, k, v, key_padding_mask, real_rows=key_padding_mask)[0]
+    # A padding query sees only itself: its output is its own value vector, finite.
+    pad_rows = ~key_padding_mask[:, None, :].expand(B, H, T)
+    assert out[pad_rows].isfinite().all()
+    torch.testing.assert_close(out[pad_rows], v.float()[pad_rows], atol=1e-6, rtol=0)
+
+
+def test_all_real_mask_equals_no_mask():
+    q, k, v = random_qkv(2, 2, 33, 64, torch.float32)
+    with torch.no_grad():
+        plain = flash_attention(q, k, v)
+        masked = flash_attention(q, k, v, key_padding_mask=torch.ones(2, 33, dtype=torch.bool, device=DEVICE))
+    torch.testing.assert_close(plain, masked, atol=0, rtol=0)
+
+
+def test_rejects_bad_inputs():
+    q, k, v = random_qkv(1, 1, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="head size"):
+        flash_attention(*random_qkv(1, 1, 8, 48, torch.float32))
+    with pytest.raises(ValueError, match="head size"):
+        flash_attention(*random_qkv(1, 1, 8, 256, torch.float32))
+    with pytest.raises(ValueError, match="shape|must all be"):
+        flash_attention(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match="dtype"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        flash_attention(q, k, v, key_padding_mask=torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_gpt_triton_matches_sdpa(padded):
+    """A small GPT: logits and every parameter gradient agree between attn_impl="triton" and "sdpa"."""
+    from minigpt2 import GPT, GPTConfig
+
+    models = {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=2, n_head=4, n_embd=256, vocab_size=512, n_positions=128, attn_impl=impl)
+        models[impl] = GPT(config).to(DEVICE).eval()  # eval: no dropout, so both see the same computation
+    B, T = 2, 90
+    input_ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    attention_mask = None
+    if padded:
+        attention_mask = (torch.arange(T)[None, :] >= torch.tensor([0, 37])[:, None]).long().to(DEVICE)
+    logits, grads = {}, {}
+    for impl, model in models.items():
+        out = model(input_ids, attention_mask=attention_mask)
+        weights = attention_mask[:, :, None].float() if padded else 1.0  # the loss ignores padding positions
+        (out.float().square() * weights).mean().backward()
+        logits[impl] = out.detach()
+        grads[impl] = {name: p.grad for name, p in model.named_parameters()}
+    real = slice(None) if not padded else attention_mask.bool()
+    torch.testing.assert_close(logits["triton"][real], logits["sdpa"][real], atol=1e-4, rtol=1e-4)
+    for name, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads["triton"][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
