@@ -24,6 +24,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.config = config
 
     @property
     def batch_size(self) -> int:
@@ -42,13 +43,33 @@ class KVCache:
         """Mark `steps` more positions as filled (the model calls this once per forward, after every layer)."""
         self.length += steps
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search: each surviving beam continues from its parent's cache).
+    def clear(self) -> None:
+        """Forget every position (the storage is kept): the next forward starts a new sequence."""
+        self.length = 0
 
-        Rows whose index is their own position are left untouched; only the filled part is copied.
+    def repeat_rows(self, repeats: int) -> KVCache:
+        """A cache with each row repeated `repeats` times in a row (row b -> rows b*repeats ... b*repeats+repeats-1).
+
+        Beam search and num_return_sequences continue one prompt in several rows: the prompt is run once per
+        prompt, then its keys/values are copied into every row that continues it.
         """
-        if torch.equal(index, torch.arange(len(index), device=index.device)):
+        grown = KVCache(self.config, self.batch_size * repeats, self.max_len, self.k.device, self.k.dtype)
+        grown.length = n = self.length
+        grown.k[:, :, :, :n] = self.k[:, :, :, :n].repeat_interleave(repeats, dim=1)
+        grown.v[:, :, :, :n] = self.v[:, :, :, :n].repeat_interleave(repeats, dim=1)
+        return grown
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i continues from row index[i] (beam search: each surviving beam takes its parent's keys/values).
+
+        Only rows whose parent is another row are written, and only their filled part: a beam that extends itself,
+        the common case, costs nothing.
+        """
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
+        if len(moved) == 0:
             return
+        parents = index[moved]
         n = self.length
-        self.k[:, :, :, :n] = self.k[:, index, :, :n]
-        self.v[:, :, :, :n] = self.v[:, index, :, :n]
+        # Gather first, then write: a swap (rows 0 <- 1 and 1 <- 0) must read both rows before either is overwritten.
+        self.k[:, moved, :, :n] = self.k[:, parents, :, :n]
+        self.v[:, moved, :, :n] = self.v[:, parents, :, :n]

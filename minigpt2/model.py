@@ -54,18 +54,21 @@ def _triton_available() -> bool:
     return kernels.is_available()
 
 
-def resolve_attn_impl(name: str, device: torch.device) -> str:
+def resolve_attn_impl(name: str, device: torch.device, head_size: int) -> str:
     """The attention to use on `device`: "auto" picks triton on a CUDA GPU with triton installed, else sdpa.
 
     An explicit "triton" that cannot run here falls back to sdpa with a one-time warning rather than failing in the
     middle of training or generation.
     """
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "sdpa"
-    if name == "triton" and not ((device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-                                 and _triton_available()):
-        _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")
-        return "sdpa"
+        return "triton" if device.type == "cuda" and head_size in (16, 32, 64, 128) and _triton_available() else "sdpa"
+    if name == "triton":
+        if head_size not in (16, 32, 64, 128):
+            _warn_once(f"attn_impl='triton' supports head sizes 16, 32, 64 and 128, not {head_size}; using sdpa")
+            return "sdpa"
+        if not ((device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _triton_available()):
+            _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")
+            return "sdpa"
     return name
 
 
@@ -100,7 +103,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_pdrop if self.training else 0.0
         if attn_impl == "naive":
             y = naive_attention(q, k, v, mask, dropout_p)
-        elif attn_impl == "triton" and q.shape[2] == k.shape[2]:
+        elif attn_impl == "triton" and q.shape[2] == k.shape[2] and dropout_p == 0.0:
+            # The kernel has no attention dropout and handles self-attention only (not a cached decode step).
             from kernels import flash_attention
 
             y = flash_attention(q, k, v, key_padding_mask=key_padding)
@@ -178,13 +182,16 @@ class GPT(nn.Module):
         return n
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) for `input_ids` (B, T).
 
         attention_mask: (B, T_past + T) of 1 for real tokens and 0 for (left) padding, covering cached positions
             too; position ids then count real tokens only, so a left-padded prompt sees the same positions as alone.
         position_ids: (B, T) explicit positions, overriding the above.
         kv_cache: when given, keys/values of earlier calls are reused and this call's are appended.
+        last_only: return (B, 1, vocab_size), the last position's logits only: all that generation needs, and it
+            skips the largest matmul (the head) for the other positions.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -197,7 +204,7 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device)
+        attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device, self.config.head_size)
         mask, key_padding = self._attention_mask(T, past, attention_mask, input_ids.device, attn_impl)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
@@ -209,6 +216,8 @@ class GPT(nn.Module):
                 x = block(x, mask, key_padding, attn_impl, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, C) -> (B, T, vocab_size)
 
     @staticmethod

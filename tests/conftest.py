@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Without a GPU the Triton kernel runs in Triton's interpreter, which must be switched on before `kernels` is first
+# imported (the model imports it to check availability), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,443 @@
+"""`generate()`: continue prompts token by token, with transformers' arguments and results.
+
+One decoding step, for every strategy:
+
+    tokens so far --model + KV cache--> next-token logits (rows, vocab)
+                  --logits processors--> scores           (penalties, then warpers when sampling)
+                  --choice-->            next token(s)    (argmax | multinomial | best beam continuations)
+                  --stopping rules-->    finished rows    (end-of-sequence id, stop strings, length)
+
+The prompt is run once (the "prefill"), filling the KV cache; every later step feeds only the newest token, so a step
+costs one pass over the weights whatever the length. Rows that continue the same prompt (beams, or several samples
+per prompt) share one prefill: the prompt's keys/values are copied into each of them.
+
+Batches of prompts of different lengths are left-padded, with an attention mask of 0 on the padding: every prompt
+then ends in the last column, new tokens are appended to all rows at once, and positions are counted from the mask
+so that each prompt is continued exactly as it would be alone. A row that finishes early is filled with
+`pad_token_id` while the others go on.
+
+Greedy search and sampling share `_decode`; beam search is `_beam_search`. `stream_generate` turns the tokens of a
+single sequence into text as they come, holding back what might be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .generation_config import GenerationConfig
+from .kv_cache import KVCache
+from .logits_process import Processor, apply_processors, build_processors
+from .tokenizer import Tokenizer
+
+# "Impossible" in beam bookkeeping: finite, unlike -inf, so that sums stay finite and a softmax never sees a row of
+# -inf only (that would be NaN); any real log-probability sum is far above it. transformers uses the same value.
+NEG = -1.0e9
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
+             streamer: Callable[[torch.Tensor], None] | None = None, tokenizer: Tokenizer | None = None,
+             **settings) -> torch.Tensor:
+    """Continue `input_ids` (B, T); return the full sequences (B * num_return_sequences, T + new), prompt included.
+
+    attention_mask: (B, T), 0 on left padding. Without it, positions equal to an explicitly given pad_token_id
+        (that is not also the end-of-sequence id) are taken as padding, as transformers does.
+    generation_config, **settings: see `GenerationConfig`; keyword settings override the config's fields.
+    generator: the random generator for sampling (default: torch's global one, so torch.manual_seed applies).
+    streamer: called after every step with that step's new tokens, (rows,); in beam search these are the running
+        beams' newest tokens, which may still be dropped.
+    tokenizer: decodes tokens for `stop_strings` (default: GPT-2's).
+
+    Rows that end before the longest one are filled with pad_token_id (default: the first eos_token_id).
+    """
+    run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
+    _fast_weight_layout(model)
+    if run.config.num_beams > 1:
+        return _beam_search(run, generator, streamer)
+    for tokens in _decode(run, generator):
+        if streamer is not None:
+            streamer(tokens)
+    return run.sequences[:, :run.length]
+
+
+@torch.no_grad()
+def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
+                    generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
+                    tokenizer: Tokenizer | None = None, **settings) -> Iterator[str]:
+    """Yield the continuation of one prompt as text, piece by piece, as the tokens are generated.
+
+    prompt: text, or token ids (1, T). Settings as for `generate` (greedy or sampling, one sequence).
+    Text is yielded in whole characters (a character split across tokens waits for its last byte). With
+    stop_strings, text that could be the start of a stop string is held back until it is not, and the stream ends
+    just before the first stop string; the end-of-sequence token is not shown.
+    """
+    tokenizer = tokenizer or Tokenizer()
+    input_ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
+    run = _prepare(model, input_ids, None, generation_config, settings, tokenizer)
+    _fast_weight_layout(model)
+    if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
+        raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
+                          "prompts or num_return_sequences > 1 use generate()")
+    text = TextStream(tokenizer, run.config.stop_strings or [], skip_ids=run.config.eos_ids)
+    for tokens in _decode(run, generator):
+        piece = text.push(int(tokens[0]))
+        if piece:
+            yield piece
+    rest = text.finish()
+    if rest:
+        yield rest
+
+
+class TextStream:
+    """Tokens in, printable text out: whole characters only, never a piece of text a stop string might claim."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_ids: list[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.skip_ids = set(skip_ids)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a split character's bytes
+        self.text = ""     # everything decoded so far
+        self.shown = 0     # how much of it has been handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now safe to show (possibly empty)."""
+        if self.stopped or token in self.skip_ids:
+            return ""
+        self.text += self.utf8.decode(self.tokenizer.decode_bytes([token]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        self.text += self.utf8.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        # A stop string cannot start inside text already shown: that text was held back while it could.
+        hits = [i for i in (self.text.find(stop, self.shown) for stop in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self.text[self.shown:min(hits)]
+        end = len(self.text) if final else len(self.text) - self._partial_stop_length()
+        piece, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return piece
+
+    def _partial_stop_length(self) -> int:
+        """Length of the longest end of the unshown text that is the beginning of some stop string."""
+        unshown = self.text[self.shown:]
+        return max((k for stop in self.stop_strings for k in range(1, min(len(stop), len(unshown) + 1))
+                    if unshown.endswith(stop[:k])), default=0)
+
+
+class StopStrings:
+    """Which sequences have just completed one of `stop_strings`, in transformers' sense.
+
+    A sequence stops when a stop string ends inside its newest token (which may run past it): the token that
+    completes the string is kept, and nothing after it is generated. Matching is on bytes, so a string may end in
+    the middle of a token or of a multi-byte character.
+    """
+
+    def __init__(self, stop_strings: list[str], tokenizer: Tokenizer) -> None:
+        self.stops = [s.encode("utf-8") for s in stop_strings]
+        self.tokenizer = tokenizer
+        self.window = max(len(s) for s in self.stops)  # every token is at least one byte long
+
+    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+        """sequences (rows, T) -> (rows,) bool."""
+        hits = []
+        for tokens in sequences[:, -self.window:].tolist():
+            tail = self.tokenizer.decode_bytes(tokens)
+            newest = len(self.tokenizer.decode_bytes(tokens[-1:]))
+            hits.append(any(stop in tail[max(0, len(tail) - newest - len(stop) + 1):] for stop in self.stops))
+        return torch.tensor(hits, device=sequences.device)
+
+
+@dataclass
+class _Run:
+    """Everything one generate() call decided before the first step."""
+
+    model: torch.nn.Module
+    config: GenerationConfig
+    prompts: torch.Tensor               # (B, T) the prompts as given
+    mask: torch.Tensor | None           # (rows, T + new) attention mask, None when nothing is padded
+    sequences: torch.Tensor             # (rows, T + new) prompt then generated tokens, rows = B * rows_per_prompt
+    rows_per_prompt: int
+    prompt_length: int                  # T, padding included
+    new_tokens: int
+    processors: list[Processor]
+    eos: torch.Tensor | None            # (n_eos,)
+    stop_strings: StopStrings | None
+    length: int = 0                     # filled length of `sequences` after decoding
+
+    def finished(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(rows,) bool: which of `sequences` (rows, T) just ended by end-of-sequence id or stop string."""
+        done = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        if self.eos is not None:
+            done |= torch.isin(sequences[:, -1], self.eos)
+        if self.stop_strings is not None:
+            done |= self.stop_strings(sequences)
+        return done
+
+
+def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             generation_config: GenerationConfig | None, settings: dict, tokenizer: Tokenizer | None) -> _Run:
+    config = GenerationConfig.from_kwargs(generation_config, **settings)
+    vocab, context = model.config.vocab_size, model.config.n_positions
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
+                                                                                                  torch.int):
+        raise ConfigError("input_ids must be an integer tensor of shape (batch, tokens)")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}: the prompt is empty; give at least one "
+                          "token (e.g. <|endoftext|>, id 50256, to generate from nothing)")
+    input_ids = input_ids.long()
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ConfigError(f"input_ids holds ids outside the model's vocabulary of {vocab} tokens")
+    for name, ids in (("eos_token_id", config.eos_ids), ("pad_token_id", [config.pad_token_id or 0])):
+        if any(i >= vocab for i in ids):
+            raise ConfigError(f"{name}={getattr(config, name)!r} is outside the model's vocabulary of {vocab} tokens; "
+                              "pass an id below it, or None")
+
+    attention_mask = _attention_mask(input_ids, attention_mask, config)
+    new = config.new_tokens(T)
+    length_given = config.max_new_tokens is not None or config.max_length is not None
+    if T + new > context and not config.sliding_window and not length_given:
+        new = context - T  # the default length stops at the context quietly, as in transformers
+    if (T + new > context or new <= 0) and not config.sliding_window:
+        raise ConfigError(f"the prompt ({T} tokens) + max_new_tokens ({config.new_tokens(T)}) exceeds the model's "
+                          f"context of {context} positions; shorten the prompt, lower max_new_tokens, or set "
+                          "sliding_window=True to drop the oldest tokens as the text grows")
+    stop = StopStrings(config.stop_strings, tokenizer or Tokenizer()) if config.stop_strings else None
+    rows_per_prompt = max(config.num_beams, config.num_return_sequences)
+    if config.pad_id is None and stop is not None and (B * config.num_return_sequences > 1 or config.num_beams > 1):
+        raise ConfigError("stop_strings with several sequences needs pad_token_id (or eos_token_id) to fill the "
+                          "sequences that stop before the others")
+
+    rows = B * rows_per_prompt
+    sequences = torch.empty(rows, T + new, dtype=torch.long, device=input_ids.device)
+    sequences[:, :T] = input_ids.repeat_interleave(rows_per_prompt, dim=0)
+    mask, padding = None, None
+    if attention_mask is not None:
+        mask = torch.ones(rows, T + new, dtype=torch.long, device=input_ids.device)
+        mask[:, :T] = attention_mask.repeat_interleave(rows_per_prompt, dim=0)
+        padding = (mask[:, :T] == 0).sum(1)  # left padding: the zeros are the first columns
+    eos = torch.tensor(config.eos_ids, device=input_ids.device) if config.eos_ids else None
+    processors = build_processors(config, prompt_length=T, prompt_padding=padding, device=input_ids.device)
+    return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)
+
+
+def _fast_weight_layout(model: torch.nn.Module) -> None:
+    """On a CPU, lay out each projection weight in memory the way the matrix library multiplies fastest by a few rows.
+
+    A decoding step multiplies one or a few rows (beams, a small batch) by every weight. For fp32 (MKL), an
+    input-major matrix, (in, out) in memory as OpenAI's Conv1D stored it, is read at full memory speed where
+    nn.Linear's usual output-major (out, in) layout takes a markedly slower path once there are a few rows; for
+    bf16 (oneDNN) it is the other way round. Values and shapes stay the same, only the strides change, in place and
+    only when needed. The tied head is included: as the embedding table it is then read by strided rows, a
+    negligible cost for the handful of tokens a step embeds.
+    """
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.device.type != "cpu":
+            continue
+        weight = module.weight
+        if weight.dtype == torch.float32 and not weight.t().is_contiguous():
+            weight.data = weight.data.t().contiguous().t()
+        elif weight.dtype != torch.float32 and not weight.is_contiguous():
+            weight.data = weight.data.contiguous()
+
+
+def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    config: GenerationConfig) -> torch.Tensor | None:
+    """The (B, T) mask to use, or None when no position is padding. Checks that padding is on the left."""
+    if attention_mask is None:
+        pad = config.pad_token_id
+        if pad is None or pad in config.eos_ids or not bool((input_ids == pad).any()):
+            return None
+        attention_mask = (input_ids != pad).long()
+    if attention_mask.shape != input_ids.shape:
+        raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                          f"{tuple(input_ids.shape)}")
+    attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if bool((attention_mask == 1).all()):
+        return None
+    empty = (attention_mask.sum(1) == 0).nonzero()
+    if len(empty):
+        raise ConfigError(f"prompt {int(empty[0])} of the batch is empty (its attention_mask is all 0)")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ConfigError("attention_mask has padding at the end of a prompt; generation appends to the right, so "
+                          "pad on the left (tokenizer padding_side='left')")
+    return attention_mask
+
+
+def _prefill(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Run the model over `ids` (rows, T) into `cache`; the next-token logits (rows, vocab) in fp32."""
+    return model(ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1].float()
+
+
+def _first_logits(run: _Run) -> tuple[KVCache, torch.Tensor, int]:
+    """Prefill every distinct prompt once, then copy it to the rows that continue it: (cache, logits, window start).
+
+    Rows b*r ... b*r + r - 1 all hold prompt b, so rows 0, r, 2r, ... (a strided view) are the distinct prompts.
+    """
+    B, T = run.prompts.shape
+    param = next(run.model.parameters())
+    capacity = min(T + run.new_tokens - 1, run.model.config.n_positions)
+    cache = KVCache(run.model.config, B, capacity, device=param.device, dtype=param.dtype)
+    start = max(0, T - capacity)  # sliding window: a prompt longer than the context keeps its end
+    r = run.rows_per_prompt
+    mask = run.mask[::r, start:T] if run.mask is not None else None
+    logits = _prefill(run.model, cache, run.sequences[::r, start:T], mask)
+    if r > 1:
+        cache = cache.repeat_rows(r)
+        logits = logits.repeat_interleave(r, dim=0)
+    return cache, logits, start
+
+
+def _step_logits(run: _Run, cache: KVCache, start: int, length: int,
+                 newest: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Feed the newest tokens (rows,), at column length - 1; return (logits, window start).
+
+    With sliding_window, a full cache is emptied and refilled with the newest half of the window: one re-prefill
+    buys half a context of cheap steps. (Without it the context was checked up front and the cache never fills.)
+    """
+    if cache.length == cache.max_len:
+        cache.clear()
+        start = length - cache.max_len // 2
+        mask = run.mask[:, start:length] if run.mask is not None else None
+        return _prefill(run.model, cache, run.sequences[:, start:length], mask), start
+    mask = run.mask[:, start:length] if run.mask is not None else None
+    return run.model(newest[:, None], attention_mask=mask, kv_cache=cache)[:, -1].float(), start
+
+
+def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """Greedy search or multinomial sampling; yields each step's tokens (rows,) and fills `run.sequences`."""
+    config, T = run.config, run.prompt_length
+    rows = run.sequences.shape[0]
+    cache, logits, start = _first_logits(run)
+    can_finish = run.eos is not None or run.stop_strings is not None
+    unfinished = torch.ones(rows, dtype=torch.bool, device=run.sequences.device)
+    length = T
+    for step in range(run.new_tokens):
+        scores = apply_processors(run.processors, run.sequences[:, :length], logits)
+        if config.do_sample:
+            # One multinomial call over the batch, on fp32 probabilities: the same random draws as transformers.
+            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        if can_finish and config.pad_id is not None:
+            tokens = torch.where(unfinished, tokens, config.pad_id)  # finished rows only grow padding
+        run.sequences[:, length] = tokens
+        length += 1
+        run.length = length
+        yield tokens
+        if can_finish:
+            unfinished &= ~run.finished(run.sequences[:, :length])
+            if not bool(unfinished.any()):
+                return
+        if step + 1 < run.new_tokens:
+            logits, start = _step_logits(run, cache, start, length, tokens)
+
+
+def _beam_search(run: _Run, generator: torch.Generator | None,
+                 streamer: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """Beam search (sampled beams when do_sample), vectorised over the batch, with transformers' exact rules.
+
+    Per prompt, `num_beams` running beams and `num_beams` slots of finished hypotheses. Each step:
+      1. every beam scores every next token: running score + log p(token), processed -> (B, beams * vocab);
+      2. the best `candidates` continuations are taken (or sampled), twice the beams or more, so that enough of
+         them do not end even if every beam's best continuation is end-of-sequence;
+      3. continuations that end (eos, stop string, length) compete for the finished slots with score
+         sum_logprob / new_length ** length_penalty; only those among the best `num_beams` candidates may;
+      4. the best `num_beams` continuations that did not end become the running beams (the cache follows them);
+      5. stop when no running beam can still beat the worst finished one (early_stopping's heuristic), when all
+         slots are full and early_stopping=True, or when every continuation ends.
+    The finished slots, best first, are the result.
+    """
+    config, T = run.config, run.prompt_length
+    B, beams, max_len = run.prompts.shape[0], config.num_beams, run.prompt_length + run.new_tokens
+    n_eos = run.eos.numel() if run.eos is not None else 0
+    candidates = max(2, 1 + n_eos) * beams
+    device = run.sequences.device
+    fill = config.pad_id if config.pad_id is not None else -1
+
+    running = torch.full((B, beams, max_len), fill, dtype=torch.long, device=device)
+    running[:, :, :T] = run.sequences[:, :T].view(B, beams, T)
+    # Only the first beam starts alive: identical beams would otherwise propose identical candidates.
+    running_scores = torch.full((B, beams), NEG, device=device)
+    running_scores[:, 0] = 0.0
+    done = running.clone()                                              # finished hypotheses, best first
+    done_scores = torch.full((B, beams), NEG, device=device)
+    done_flags = torch.zeros(B, beams, dtype=torch.bool, device=device)
+    done_lengths = torch.zeros(B, beams, dtype=torch.long, device=device)  # new tokens in each
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    in_top_beams = torch.arange(candidates, device=device) < beams
+    batch_offset = torch.arange(B, device=device)[:, None] * beams
+
+    cache, logits, start = _first_logits(run)
+    length = T
+    while True:
+        vocab = logits.shape[-1]
+        logprobs = F.log_softmax(logits, dim=-1)
+        logprobs = apply_processors(run.processors, running[:, :, :length].reshape(B * beams, length), logprobs)
+        totals = (logprobs.view(B, beams, vocab) + running_scores[:, :, None]).view(B, beams * vocab)
+        if config.do_sample:
+            flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
+            cand_scores = totals.gather(1, flat)
+        else:
+            cand_scores, flat = torch.topk(totals, candidates)
+        parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
+        cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len)).clone()
+        cand[:, :, length] = tokens
+        ended = run.finished(cand[:, :, :length + 1].reshape(B * candidates, -1)).view(B, candidates)
+        if length + 1 == max_len:
+            ended[:] = True
+
+        # 3. finished hypotheses: old slots and newly ended candidates compete, best `beams` kept
+        new_length = length + 1 - T
+        eligible = ended & in_top_beams & improvable
+        if config.early_stopping is True:
+            eligible &= ~done_flags.all(-1, keepdim=True)
+        final_scores = torch.where(eligible, cand_scores / new_length ** config.length_penalty, NEG)
+        keep = torch.topk(torch.cat([done_scores, final_scores], 1), beams).indices
+        done = torch.cat([done, cand], 1).gather(1, keep[:, :, None].expand(-1, -1, max_len))
+        done_scores = torch.cat([done_scores, final_scores], 1).gather(1, keep)
+        done_flags = torch.cat([done_flags, eligible], 1).gather(1, keep)
+        done_lengths = torch.cat([done_lengths, torch.full_like(cand_scores, new_length, dtype=torch.long)],
+                                 1).gather(1, keep)
+
+        # 4. running beams: the best continuations that did not end
+        alive_scores = cand_scores + ended * NEG
+        best = torch.topk(alive_scores, beams).indices
+        running = cand.gather(1, best[:, :, None].expand(-1, -1, max_len))
+        running_scores = alive_scores.gather(1, best)
+        length += 1
+        if streamer is not None:
+            streamer(running[:, :, length - 1].reshape(-1))
+
+        # 5. can any running beam still beat the worst finished hypothesis? (transformers' heuristics)
+        if config.early_stopping == "never" and config.length_penalty > 0:
+            best_length = max_len - T  # a positive penalty rewards length: assume the longest possible
+        else:
+            best_length = length - T
+        best_possible = running_scores[:, :1] / best_length ** config.length_penalty
+        worst_done = torch.where(done_flags, done_scores.min(-1, keepdim=True).values, NEG)
+        improvable &= (best_possible > worst_done).any(-1, keepdim=True)
+        all_full = bool(done_flags.all()) and config.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(ended.all()):
+            break
+
+        cache.reorder((parents.gather(1, best) + batch_offset).view(-1))
+        logits, start = _step_logits(run, cache, start, length, running[:, :, length - 1].reshape(-1))
+
+    n = config.num_return_sequences
+    out = done[:, :n].reshape(B * n, max_len)
+    return out[:, :T + int(done_lengths[:, :n].max())]

@@ -1,0 +1,176 @@
+"""GenerationConfig: every setting of `generate()`, with transformers' names, defaults and meanings.
+
+A call written for transformers' `model.generate(input_ids, max_new_tokens=40, do_sample=True, top_p=0.9)` means the
+same here. Defaults are transformers' (and GPT-2's `generation_config.json`): 20 new tokens, greedy, `top_k=50` once
+sampling is switched on, `<|endoftext|>` (50256) as end of sequence and, unless given, as padding.
+
+The decoding strategy follows from three settings, as in transformers:
+
+    num_beams == 1, do_sample False  -> greedy search: always the most likely token
+    num_beams == 1, do_sample True   -> multinomial sampling from the processed distribution
+    num_beams  > 1, do_sample False  -> beam search: keep the num_beams best partial sequences
+    num_beams  > 1, do_sample True   -> beam search whose candidates are sampled instead of taken best-first
+
+`validate()` rejects settings that cannot mean anything (temperature 0 with sampling, top_p 1.5, ...) with a
+ConfigError naming the setting; `STRATEGIES` holds the named presets that `sample.py --strategy` offers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import EOT_ID
+from .errors import ConfigError
+
+DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerationConfig:
+    """How `generate()` continues a prompt. Field names and semantics are transformers'."""
+
+    max_new_tokens: int | None = _setting(None, "tokens to generate after the prompt (20 unless this or max_length "
+                                                "is given)")
+    max_length: int | None = _setting(None, "prompt + new tokens; max_new_tokens wins over it")
+    min_new_tokens: int = _setting(0, "end-of-sequence is forbidden before this many new tokens")
+    do_sample: bool = _setting(False, "sample from the distribution instead of taking the most likely token(s)")
+    temperature: float = _setting(1.0, "divide the logits by this before sampling: < 1 sharpens, > 1 flattens")
+    top_k: int = _setting(50, "sample among the k most likely tokens only; 0 disables")
+    top_p: float = _setting(1.0, "nucleus: sample among the fewest tokens whose probability reaches top_p; 1 "
+                                 "disables")
+    min_p: float | None = _setting(None, "drop tokens less likely than min_p times the most likely one")
+    typical_p: float = _setting(1.0, "locally typical sampling: keep this much probability mass; 1 disables")
+    repetition_penalty: float = _setting(1.0, "CTRL penalty on tokens already in the sequence; > 1 discourages "
+                                              "repeats")
+    no_repeat_ngram_size: int = _setting(0, "never repeat an n-gram of this size; 0 disables")
+    num_beams: int = _setting(1, "beam width; 1 means no beam search")
+    length_penalty: float = _setting(1.0, "beam scores are divided by length ** this; > 0 favours longer "
+                                          "hypotheses")
+    early_stopping: bool | str = _setting(False, "beam search stop rule: true, false or never")
+    num_return_sequences: int = _setting(1, "sequences returned per prompt")
+    eos_token_id: int | list[int] | None = _setting(EOT_ID, "end-of-sequence id(s); none disables")
+    pad_token_id: int | None = _setting(None, "fills sequences that ended early (default: the first eos id)")
+    stop_strings: list[str] | None = _setting(None, "stop once the text ends with one of these strings")
+    sliding_window: bool = _setting(False, "past the model's context, drop the oldest tokens instead of raising "
+                                           "an error (not with beam search)")
+
+    @classmethod
+    def from_kwargs(cls, base: GenerationConfig | None = None, **kwargs: Any) -> GenerationConfig:
+        """`base` (or the defaults) with `kwargs` applied; an unknown name is a ConfigError that lists the known ones.
+
+        `stop` is accepted as a short spelling of `stop_strings`, and a single string for it means a list of one.
+        """
+        if "stop" in kwargs:
+            kwargs["stop_strings"] = kwargs.pop("stop")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        if isinstance(kwargs.get("stop_strings"), str):
+            kwargs["stop_strings"] = [kwargs["stop_strings"]]
+        config = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_strategy(cls, name: str, **overrides: Any) -> GenerationConfig:
+        """The named preset (see `STRATEGIES`) with `overrides` on top."""
+        if name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        return cls.from_kwargs(**{**STRATEGIES[name], **overrides})
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """`eos_token_id` as a list (empty when there is none)."""
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id that fills finished sequences: pad_token_id, else the first eos id (as transformers does)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def new_tokens(self, prompt_length: int) -> int:
+        """How many tokens to generate after a (padded) prompt of `prompt_length` tokens."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            if self.max_length <= prompt_length:
+                raise ConfigError(f"max_length={self.max_length} leaves no room after the prompt of {prompt_length} "
+                                  "tokens; raise it or set max_new_tokens instead")
+            return self.max_length - prompt_length
+        return DEFAULT_NEW_TOKENS
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is out of range or contradicts another."""
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            need(value is None or (_is_int(value) and value > 0), name, "must be a positive integer")
+        need(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
+             "must be a non-negative integer")
+        need(isinstance(self.do_sample, bool), "do_sample", "must be true or false")
+        if self.do_sample:
+            need(_is_number(self.temperature) and self.temperature > 0, "temperature",
+                 "must be > 0 when sampling (for deterministic output use do_sample=False)")
+        need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
+        need(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 disables it)")
+        need(self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1), "min_p", "must be in [0, 1]")
+        need(_is_number(self.typical_p) and 0 < self.typical_p <= 1, "typical_p", "must be in (0, 1] (1 disables it)")
+        need(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+             "must be > 0 (1 disables it, > 1 discourages repeats)")
+        need(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
+             "must be an integer >= 0 (0 disables it)")
+        need(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "must be an integer >= 1")
+        need(_is_number(self.length_penalty), "length_penalty", "must be a number")
+        # `1 in (True, False)` is true in Python, so integers are refused explicitly
+        need(self.early_stopping in (True, False, "never") and not _is_int(self.early_stopping),
+             "early_stopping", "must be True, False or 'never'")
+        need(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1, "num_return_sequences",
+             "must be an integer >= 1")
+        if self.num_beams == 1:
+            need(self.num_return_sequences == 1 or self.do_sample, "num_return_sequences",
+                 "greedy search gives one sequence per prompt; set do_sample=True or num_beams > 1")
+        else:
+            need(self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                 f"beam search can return at most num_beams={self.num_beams} sequences")
+            need(not self.sliding_window, "sliding_window", "is not supported with beam search (num_beams > 1)")
+        need(all(_is_int(i) and i >= 0 for i in self.eos_ids) and (self.eos_token_id != []), "eos_token_id",
+             "must be a token id >= 0, a non-empty list of them, or None")
+        need(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0), "pad_token_id",
+             "must be a token id >= 0 or None")
+        need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and len(self.stop_strings) > 0
+                                           and all(isinstance(s, str) and s for s in self.stop_strings)),
+             "stop_strings", "must be a non-empty list of non-empty strings")
+        need(isinstance(self.sliding_window, bool), "sliding_window", "must be true or false")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The decoding strategies of the classic recipe ("How to generate text", Hugging Face, 2020), by name. Each is a set of
+# overrides on the defaults above; flags given next to a preset win over it.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "greedy": dict(do_sample=False, num_beams=1),
+    "beam": dict(do_sample=False, num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
+    "sample": dict(do_sample=True, top_k=0),
+    "top-k": dict(do_sample=True, top_k=50),
+    "top-p": dict(do_sample=True, top_k=0, top_p=0.92),
+}

@@ -1,0 +1,308 @@
+"""The before/after report: did fine-tuning make the model better at *this* text, and how does it write now?
+
+Perplexity answers the first half with one number per model on the same held-out text. The second half needs a
+person: the classic recipe ends with "manual assessment" of coherence, relevance, fluency and style. This module
+prepares that reading. For a handful of prompts it samples both models with every decoding strategy and lays the
+samples side by side, each with three figures from `quality.py` that point at what to look for:
+
+    distinct-1 / distinct-2   share of distinct words / word pairs      low  -> the text keeps reusing itself
+    repeated 3-gram rate      share of 3-grams seen earlier in the text high -> it is looping
+    mean log-prob             the generating model's own confidence     high + looping -> degenerate; low -> erratic
+
+Both models get the same prompts, settings and random seed, so the differences come from the weights. Prompts not
+given are the openings of validation documents (drawn at evenly spaced documents: deterministic, and spread over the
+whole split). The result is one self-contained HTML page (inline CSS, no scripts, every sample HTML-escaped) and the
+same content as Markdown; both are written atomically, so a report on disk is always complete.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .evaluate import evaluating, perplexity
+from .generation_config import STRATEGIES, GenerationConfig
+from .model import GPT
+from .quality import distinct_n, mean_logprob, repeated_ngram_rate
+from .tokenizer import EOT_ID, Tokenizer
+
+HOW_TO_READ = (
+    "Perplexity is measured on held-out text of the fine-tuning domain: lower means the model finds that text less "
+    "surprising, and a fine-tuned model should beat its base here (a large gap on a tiny dataset can also mean it has "
+    "memorised it). Then read the samples side by side, one prompt at a time, and judge four things: coherence (does "
+    "the continuation hang together), relevance (does it follow from the prompt), fluency (is it grammatical, "
+    "natural text) and style (does it sound like the fine-tuning data). The figures help you look: distinct-1/2 near "
+    "1 means varied wording, a repeated 3-gram rate well above 0 means the text loops, and the mean log-prob is the "
+    "generating model's own confidence per token, naturally higher for greedy and beam search than for sampling; "
+    "high confidence together with a high repetition rate is the signature of degenerate text. Both models get the "
+    "same prompts, settings and seed.")
+PERPLEXITY_HEADER = ["model", "perplexity", "loss (nats/token)", "bits per byte", "tokens scored", "context / stride"]
+SUMMARY_HEADER = ["strategy", "model", "distinct-1", "distinct-2", "repeated 3-grams", "mean log-prob"]
+
+
+@dataclass
+class Sample:
+    """One continuation and its figures; `ended` is True when the model chose <|endoftext|> before the limit."""
+
+    text: str
+    tokens: list[int]
+    ended: bool
+    distinct_1: float
+    distinct_2: float
+    repeated_3: float
+    mean_logprob: float
+
+
+def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
+    """Openings of `num_prompts` validation documents, evenly spaced over the split, each up to `prompt_tokens` long.
+
+    Documents start after `<|endoftext|>`. With fewer documents than prompts (one long text), the prompts start at
+    evenly spaced positions instead. A prompt never crosses a document boundary; duplicates are dropped.
+    """
+    tokens = np.asarray(val_tokens)
+    doc_starts = np.flatnonzero(tokens[:-1] == EOT_ID) + 1
+    if len(doc_starts) >= num_prompts:
+        starts = doc_starts[np.linspace(0, len(doc_starts), num_prompts, endpoint=False).astype(int)]
+    else:
+        starts = np.linspace(0, len(tokens), num_prompts, endpoint=False).astype(int)
+    prompts = []
+    for start in starts:
+        while start < len(tokens) and tokens[start] == EOT_ID:
+            start += 1
+        window = tokens[start:start + prompt_tokens]
+        ends = np.flatnonzero(window == EOT_ID)
+        prompt = window[:ends[0]] if len(ends) else window
+        prompt = [int(t) for t in prompt]
+        if prompt and prompt not in prompts:  # a repeated document would only repeat a comparison
+            prompts.append(prompt)
+    if not prompts:
+        raise DataError("no prompt could be drawn from the validation text (it holds no text between its "
+                        "<|endoftext|> separators); pass prompts explicitly")
+    return prompts
+
+
+def _sample(model: GPT, prompts: list[list[int]], config: GenerationConfig, seed: int,
+            tokenizer: Tokenizer) -> list[Sample]:
+    """Continue every prompt in one left-padded batch; figures are computed on the tokens before <|endoftext|>."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), EOT_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with evaluating(model):
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             generator=generator)
+    samples = []
+    for row, prompt in enumerate(prompts):
+        new = out[row, width:].tolist()
+        ended = EOT_ID in new
+        new = new[:new.index(EOT_ID)] if ended else new  # rows that ended early are padded with EOT too
+        samples.append(Sample(
+            text=tokenizer.decode(new), tokens=new, ended=ended,
+            distinct_1=distinct_n([new], 1), distinct_2=distinct_n([new], 2), repeated_3=repeated_ngram_rate(new, 3),
+            mean_logprob=mean_logprob(model, prompt, new)))
+    return samples
+
+
+def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarray, out_dir: str | os.PathLike[str],
+                 *, prompts: Sequence[str] | None = None, tokenizer: Tokenizer | None = None,
+                 strategies: Sequence[str] | None = None, max_new_tokens: int = 60, seed: int = 0,
+                 base_name: str = "base", finetuned_name: str = "fine-tuned", num_prompts: int = 4,
+                 prompt_tokens: int = 24, context: int | None = None, stride: int | None = None,
+                 batch_size: int = 8, n_bytes: int | None = None, text_name: str = "the validation text",
+                 progress: bool = False) -> tuple[Path, Path]:
+    """Write `out_dir/report.html` and `out_dir/report.md` comparing `base` and `finetuned`; returns both paths.
+
+    val_tokens: held-out token ids (e.g. `PreparedDataset(dir).tokens("val")`), for perplexity and drawn prompts.
+    prompts: texts to continue; by default `num_prompts` openings of validation documents, `prompt_tokens` long.
+    strategies: names from `generation_config.STRATEGIES` (default: all), each run with `max_new_tokens` and `seed`.
+    context, stride, batch_size, n_bytes: passed to `evaluate.perplexity` for both models. Without `context`, both
+        use the smaller of their context sizes, so the two perplexities are measured alike.
+    """
+    tokenizer = tokenizer or Tokenizer()
+    strategies = list(STRATEGIES) if strategies is None else list(strategies)
+    # Settings are checked before any work, so a typo fails in a second instead of after the perplexity pass.
+    configs = {name: GenerationConfig.from_strategy(name, max_new_tokens=max_new_tokens) for name in strategies}
+    if prompts is not None:
+        encoded = [tokenizer.encode(p) for p in prompts]
+        if not encoded or not all(encoded):
+            raise DataError("prompts must be a non-empty list of non-empty texts")
+    else:
+        encoded = draw_prompts(val_tokens, num_prompts, prompt_tokens)
+
+    context = context or min(base.config.n_positions, finetuned.config.n_positions)
+    models = {base_name: base, finetuned_name: finetuned}
+    if base_name == finetuned_name:
+        models = {f"{base_name} (base)": base, f"{finetuned_name} (fine-tuned)": finetuned}
+    scores = {name: perplexity(model, val_tokens, context=context, stride=stride, batch_size=batch_size,
+                               progress=progress, n_bytes=n_bytes) for name, model in models.items()}
+    samples = {strategy: {name: _sample(model, encoded, config, seed, tokenizer) for name, model in models.items()}
+               for strategy, config in configs.items()}
+
+    report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
+                     max_new_tokens, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "report.html", out / "report.md"
+    for path, text in zip(paths, (report.html(), report.markdown())):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
+@dataclass
+class _Report:
+    """Everything the report shows, and its two renderings."""
+
+    names: list[str]
+    text_name: str
+    scores: dict[str, dict]
+    prompts: list[str]
+    configs: dict[str, GenerationConfig]
+    samples: dict[str, dict[str, list[Sample]]]
+    max_new_tokens: int
+    seed: int
+
+    def title(self) -> str:
+        return f"Before/after: {self.names[0]} vs {self.names[1]}"
+
+    def settings(self, strategy: str) -> str:
+        """The preset's own settings, as a transformers-style argument list."""
+        return ", ".join(f"{k}={v}" for k, v in STRATEGIES[strategy].items())
+
+    def summary(self, strategy: str, name: str) -> tuple[float, float, float, float]:
+        """distinct-1/2 pooled over all prompts' samples, and the mean over prompts of rep-3 and mean log-prob."""
+        runs = self.samples[strategy][name]
+        logprobs = [s.mean_logprob for s in runs if s.tokens]
+        return (distinct_n([s.tokens for s in runs], 1), distinct_n([s.tokens for s in runs], 2),
+                float(np.mean([s.repeated_3 for s in runs])), float(np.mean(logprobs)) if logprobs else float("nan"))
+
+    def perplexity_rows(self) -> list[list[str]]:
+        rows = []
+        for name in self.names:
+            s = self.scores[name]
+            bpb = f"{s['bits_per_byte']:.4f}" if s["bits_per_byte"] is not None else "n/a"
+            rows.append([name, f"{s['perplexity']:.3f}", f"{s['loss']:.4f}", bpb, f"{s['tokens']:,}",
+                         f"{s['context']} / {s['stride']}"])
+        return rows
+
+    def summary_rows(self) -> list[list[str]]:
+        return [[strategy, name, *(_num(x) for x in self.summary(strategy, name))]
+                for strategy in self.configs for name in self.names]
+
+    def intro(self) -> str:
+        n = len(self.prompts)
+        return (f"Base: {self.names[0]}. Fine-tuned: {self.names[1]}. {n} prompt{'s' * (n != 1)}, "
+                f"{self.max_new_tokens} new tokens per sample, seed {self.seed}.")
+
+    # -- HTML --------------------------------------------------------------------------------------------------------
+
+    def html(self) -> str:
+        e = html.escape
+        parts = [
+            "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{e(self.title())}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+            f"<h1>{e(self.title())}</h1>", f'<p class="meta">{e(self.intro())}</p>',
+            "<h2>How to read this</h2>", f"<p>{e(HOW_TO_READ)}</p>",
+            f"<h2>Perplexity on {e(self.text_name)}</h2>", _html_table(PERPLEXITY_HEADER, self.perplexity_rows()),
+            "<h2>Decoding strategies at a glance</h2>", _html_table(SUMMARY_HEADER, self.summary_rows()),
+            "<h2>Samples</h2>",
+        ]
+        for strategy in self.configs:
+            parts.append(f'<h3>{e(strategy)} <code>{e(self.settings(strategy))}</code></h3>')
+            for i, prompt in enumerate(self.prompts):
+                parts.append(f'<div class="prompt"><span class="label">Prompt {i + 1}</span>'
+                             f"<pre>{e(prompt)}</pre></div>")
+                parts.append('<div class="pair">')
+                for name in self.names:
+                    s = self.samples[strategy][name][i]
+                    end = '<span class="end">&lt;|endoftext|&gt;</span>' if s.ended else ""
+                    parts.append(f'<div class="sample"><h4>{e(name)}</h4>'
+                                 f'<pre><span class="echo">{e(prompt)}</span>{e(s.text)}{end}</pre>'
+                                 f'<p class="figures">{e(_figures(s))}</p></div>')
+                parts.append("</div>")
+        parts += ["</body>", "</html>", ""]
+        return "\n".join(parts)
+
+    # -- Markdown ----------------------------------------------------------------------------------------------------
+
+    def markdown(self) -> str:
+        lines = [f"# {_md_text(self.title())}", "", _md_text(self.intro()), "", "## How to read this", "",
+                 HOW_TO_READ, "", f"## Perplexity on {_md_text(self.text_name)}", "",
+                 *_md_table(PERPLEXITY_HEADER, self.perplexity_rows()), "",
+                 "## Decoding strategies at a glance", "", *_md_table(SUMMARY_HEADER, self.summary_rows()), "",
+                 "## Samples", ""]
+        for strategy in self.configs:
+            lines += [f"### {strategy} (`{self.settings(strategy)}`)", ""]
+            for i, prompt in enumerate(self.prompts):
+                lines += [f"#### Prompt {i + 1}", "", *_md_code(prompt), ""]
+                for name in self.names:
+                    s = self.samples[strategy][name][i]
+                    lines += [f"**{_md_text(name)}**: {_figures(s)}", "",
+                              *_md_code(prompt + s.text + ("<|endoftext|>" if s.ended else "")), ""]
+        return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.3f}"
+
+
+def _figures(s: Sample) -> str:
+    return (f"distinct-1 {_num(s.distinct_1)} · distinct-2 {_num(s.distinct_2)} · repeated 3-grams "
+            f"{_num(s.repeated_3)} · mean log-prob {_num(s.mean_logprob)} · {len(s.tokens)} tokens")
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_text(text: str) -> str:
+    """Text safe outside code in Markdown: no raw HTML, no table-breaking pipes."""
+    return html.escape(text).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in [header, ["---"] * len(header), *rows]]
+
+
+def _md_code(text: str) -> list[str]:
+    """A fenced block that `text` cannot close: the fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; } h3 { margin-top: 2em; }
+h3 code { font-size: 0.75em; color: #555; font-weight: normal; }
+.meta { color: #555; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
+th { background: #f4f4f4; }
+pre { white-space: pre-wrap; word-wrap: break-word; margin: 0.3em 0; font: 14px/1.45 ui-monospace, monospace; }
+.prompt { margin-top: 1.5em; }
+.label { font-weight: bold; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
+.sample { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em 0.8em; background: #fcfcfc; }
+.sample h4 { margin: 0 0 0.3em; }
+.echo { color: #888; }
+.end { color: #a33; }
+.figures { color: #555; font-size: 0.85em; margin: 0.3em 0 0; }
+"""

@@ -1,0 +1,196 @@
+"""Generate text from a GPT-2 checkpoint: one decoding strategy, or all of them side by side.
+
+    python sample.py --model gpt2 --prompt "The meaning of life is" --strategy top-p --max_new_tokens 80
+    python sample.py --model out/pydocs-gpt2 --prompt_file prompt.txt --num_samples 3 --seed 1
+    python sample.py --model gpt2 --prompt "Once upon a time" --stream --do_sample true --temperature 0.8
+    python sample.py --model gpt2 --prompt "Return the number of" --compare
+
+Every setting of `generate()` is a flag of the same name (`--top_p 0.9`, or `--top-p 0.9`); a --strategy preset
+fills in several at once and explicit flags win over it. --compare runs every preset on the prompt and prints, for
+each, its text and a few figures (distinct-1/2, repeated 3-gram rate, mean token log-prob; see
+minigpt2/quality.py) that help judge repetition against incoherence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minigpt2 import GPT, Tokenizer
+from minigpt2.cli import add_flag, make_parser, parse_bool, run_main
+from minigpt2.errors import ConfigError, DataError
+from minigpt2.generate import stream_generate
+from minigpt2.generation_config import STRATEGIES, GenerationConfig
+from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
+
+
+def _optional(convert: Callable[[str], typing.Any]) -> Callable[[str], typing.Any]:
+    def parse(text: str) -> typing.Any:
+        return None if text.strip().lower() == "none" else convert(text)
+
+    return parse
+
+
+def _early_stopping(text: str) -> bool | str:
+    return "never" if text.strip().lower() == "never" else parse_bool(text)
+
+
+def _token_ids(text: str) -> int | list[int]:
+    ids = [int(part) for part in text.split(",")]
+    return ids[0] if len(ids) == 1 else ids
+
+
+def _unescape(text: str) -> str:
+    # A shell cannot easily pass a newline; "\n" and "\t" in a stop string mean the characters.
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+# Flags whose values are not a plain int/float/bool.
+SPECIAL_PARSERS: dict[str, dict[str, typing.Any]] = {
+    "early_stopping": dict(type=_early_stopping, metavar="{true,false,never}"),
+    "eos_token_id": dict(type=_optional(_token_ids), metavar="ID[,ID...]|none"),
+    "stop_strings": dict(type=_unescape, action="append", metavar="TEXT"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("sample.py", description="Generate text from a GPT-2 checkpoint.")
+    add_flag(parser, "model", required=True, help="Hub id (gpt2, gpt2-medium, ...) or a save_pretrained directory")
+    add_flag(parser, "prompt", help="the text to continue")
+    add_flag(parser, "prompt_file", help="read the prompt from this UTF-8 file instead")
+    parser.add_argument("--num_samples", "--num-samples", dest="num_return_sequences", type=int,
+                        default=argparse.SUPPRESS, metavar="N", help="continuations to print (same as "
+                                                                     "--num_return_sequences)")
+    add_flag(parser, "seed", type=int, help="seed of the sampler, for reproducible samples")
+    add_flag(parser, "stream", action="store_true", help="print the text as it is generated")
+    add_flag(parser, "strategy", choices=list(STRATEGIES), help="a named preset of generation settings")
+    add_flag(parser, "compare", action="store_true", help="run every --strategy on the prompt, side by side")
+    add_flag(parser, "device", default="cuda" if torch.cuda.is_available() else "cpu")
+    hints = typing.get_type_hints(GenerationConfig)
+    for field in dataclasses.fields(GenerationConfig):
+        options = SPECIAL_PARSERS.get(field.name)
+        if options is None:
+            base = next(t for t in (bool, int, float) if t in typing.get_args(hints[field.name]) + (hints[field.name],))
+            convert = parse_bool if base is bool else base
+            options = dict(type=_optional(convert) if field.default is None else convert, metavar=base.__name__.upper())
+        # Unset flags stay out of the namespace, so that "--eos_token_id none" can be told from no flag at all.
+        add_flag(parser, field.name, default=argparse.SUPPRESS,
+                 help=f"{field.metadata['help']} (default: {field.default})", **options)
+    parser.add_argument("--stop", dest="stop_strings", type=_unescape, action="append", default=argparse.SUPPRESS,
+                        metavar="TEXT", help="same as --stop_strings; repeat for several; \\n means a newline")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ConfigError("give --prompt or --prompt_file, not both")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise DataError(f"--prompt_file {path}: no such file")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"--prompt_file {path}: not UTF-8 text") from None
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise ConfigError("no prompt: pass --prompt TEXT or --prompt_file PATH")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty; give some text to continue")
+    return prompt
+
+
+def settings_from_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
+    """The generation settings given explicitly on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
+
+
+def continuation(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """New tokens up to (not including) the first end-of-sequence: what a reader sees."""
+    tokens = list(tokens)
+    ends = [i for i, t in enumerate(tokens) if t in set(eos_ids)]
+    return tokens[:ends[0]] if ends else tokens
+
+
+def run_strategy(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, config: GenerationConfig,
+                 seed: int | None) -> list[list[int]]:
+    """The continuations (token lists) of one prompt, with a progress bar over the new tokens."""
+    generator = torch.Generator(prompt_ids.device).manual_seed(seed) if seed is not None else None
+    total = config.new_tokens(prompt_ids.shape[1])
+    with tqdm(total=total, unit="tok", leave=False, disable=None, file=sys.stderr) as bar:
+        out = model.generate(prompt_ids, generation_config=config, generator=generator,
+                             streamer=lambda tokens: bar.update(1))
+    return [continuation(row, config.eos_ids) for row in out[:, prompt_ids.shape[1]:].tolist()]
+
+
+def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict, samples: int,
+            seed: int | None) -> None:
+    """Every preset on one prompt: the texts, then a table of figures to compare them by."""
+    rows = []
+    for name, preset in STRATEGIES.items():
+        config = GenerationConfig.from_strategy(name, **settings)
+        # Sampling gives as many samples as asked; greedy one; beam search its best few.
+        n = samples if config.do_sample else min(samples, config.num_beams)
+        config = dataclasses.replace(config, num_return_sequences=n)
+        texts = run_strategy(model, tok, prompt_ids, config, seed)
+        shown = ", ".join(f"{k}={v}" for k, v in preset.items())
+        print(f"=== {name} ({shown}) ===")
+        for tokens in texts:
+            print(tok.decode(tokens).strip() or "(nothing)")
+            print()
+        prompt = prompt_ids[0].tolist()
+        rows.append((name, len(texts), distinct_n(texts, 1), distinct_n(texts, 2),
+                     sum(repeated_ngram_rate(t, 3) for t in texts) / len(texts),
+                     sum(mean_logprob(model, prompt, t) for t in texts) / len(texts),
+                     sum(len(t) for t in texts) / len(texts)))
+    print(f"{'strategy':<10}{'samples':>8}{'distinct-1':>12}{'distinct-2':>12}{'rep-3':>8}{'logprob/tok':>13}"
+          f"{'tokens':>8}")
+    for name, n, d1, d2, rep, logprob, length in rows:
+        print(f"{name:<10}{n:>8}{d1:>12.3f}{d2:>12.3f}{rep:>8.3f}{logprob:>13.3f}{length:>8.1f}")
+    print("distinct-n: unique n-grams / all n-grams across the samples (higher = more varied); rep-3: share of "
+          "3-grams that repeat an earlier one in the same sample (higher = loops); logprob/tok: the model's mean "
+          "log-probability of the text (higher = more predictable).")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompt = read_prompt(args)
+    settings = settings_from_flags(args)
+    samples = settings.pop("num_return_sequences", None) if args.compare else None
+    config = GenerationConfig.from_strategy(args.strategy, **settings) if args.strategy \
+        else GenerationConfig.from_kwargs(**settings)
+    if args.stream and (config.num_beams > 1 or config.num_return_sequences > 1 or args.compare):
+        raise ConfigError("--stream prints one sequence as it grows: it does not combine with beam search "
+                          "(--num_beams > 1), --num_samples > 1 or --compare")
+
+    model = GPT.from_pretrained(args.model).to(args.device)
+    tok = Tokenizer()
+    prompt_ids = torch.tensor([tok.encode(prompt)], device=args.device)
+    if args.compare:
+        compare(model, tok, prompt_ids, settings, samples or 1, args.seed)
+    elif args.stream:
+        generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+        print(prompt, end="", flush=True)
+        for piece in stream_generate(model, prompt_ids, generation_config=config, generator=generator,
+                                     tokenizer=tok):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        texts = run_strategy(model, tok, prompt_ids, config, args.seed)
+        for i, tokens in enumerate(texts):
+            if len(texts) > 1:
+                print(f"=== sample {i + 1}/{len(texts)} ===")
+            print(prompt + tok.decode(tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

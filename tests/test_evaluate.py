@@ -1,0 +1,306 @@
+"""Sliding-window perplexity against transformers on the same weights, the evaluate CLI, and the before/after report."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+from minigpt2 import GPT, ConfigError, DataError, Tokenizer
+from minigpt2.cli import run_main
+from minigpt2.evaluate import load_eval_text, main, perplexity, sliding_windows
+from minigpt2.report import draw_prompts, write_report
+
+N_POSITIONS = 64  # small, so that a few hundred tokens need many windows
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Perplexity measures surprise; lower is better. "
+        "A sliding window gives every token some context, at the cost of more forward passes. ") * 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_checkpoint):
+    return hf_checkpoint(n_positions=N_POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    return GPT.from_pretrained(checkpoint), GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(0, 50257, (300,), generator=torch.Generator().manual_seed(0))
+
+
+def reference_nll_sum(ref: GPT2LMHeadModel, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
+    """The sliding window done one window at a time with transformers: labels of already-scored targets are -100,
+    and the NLL is summed over the scored targets (not averaged per window)."""
+    total, scored_until, n_scored = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids) - 1)
+        labels = ids[begin + 1:end + 1].clone()
+        labels[:scored_until - begin] = -100  # targets 1..scored_until belong to earlier windows
+        with torch.no_grad():
+            logits = ref(ids[begin:end].unsqueeze(0)).logits[0]
+        total += F.cross_entropy(logits.double(), labels, ignore_index=-100, reduction="sum").item()
+        n_scored += int((labels != -100).sum())
+        scored_until = end
+        if end == len(ids) - 1:
+            break
+    return total, n_scored
+
+
+# (context, stride, tokens): stride 1 on a shorter text, as it costs one forward pass per token.
+@pytest.mark.parametrize(("context", "stride", "n"), [(64, 1, 90), (64, 17, 300), (64, 32, 300), (64, 64, 300),
+                                                      (40, 13, 300), (40, 40, 300), (64, 64, 64), (64, 64, 65)])
+def test_perplexity_matches_transformers(models, token_ids, context, stride, n):
+    ours, ref = models
+    token_ids = token_ids[:n]
+    result = perplexity(ours, token_ids, context=context, stride=stride, batch_size=3, progress=False)
+    nll_sum, n_scored = reference_nll_sum(ref, token_ids, context, stride)
+    assert n_scored == result["tokens"] == len(token_ids) - 1
+    expected = math.exp(nll_sum / n_scored)
+    assert abs(result["perplexity"] - expected) / expected <= 1e-5
+    assert abs(result["loss"] - nll_sum / n_scored) <= 1e-5 * nll_sum / n_scored
+    assert result["windows"] == len(sliding_windows(len(token_ids), context, stride))
+
+
+def test_stride_equal_to_context_is_disjoint_chunks(models, token_ids):
+    ours, _ = models
+    C = N_POSITIONS
+    result = perplexity(ours, token_ids, stride=C, progress=False)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(token_ids) - 1, C):  # inputs ids[i:i+C] predict ids[i+1:i+C+1]
+            x, y = token_ids[i:i + C], token_ids[i + 1:i + C + 1]
+            total += F.cross_entropy(ours(x[:len(y)].unsqueeze(0))[0].double(), y, reduction="sum").item()
+    assert result["windows"] == math.ceil((len(token_ids) - 1) / C)
+    assert result["loss"] == pytest.approx(total / (len(token_ids) - 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 63, 64, 65, 66, 130, 301])
+@pytest.mark.parametrize(("context", "stride"), [(1, 1), (4, 1), (4, 3), (4, 4), (64, 17), (64, 64)])
+def test_windows_score_every_token_once(n, context, stride):
+    counts = np.zeros(n, dtype=int)
+    windows = sliding_windows(n, context, stride)
+    for k, w in enumerate(windows):
+        assert w.begin == k * stride and 0 < w.end - w.begin <= context
+        assert 0 < w.scored <= w.end - w.begin
+        counts[w.end + 1 - w.scored:w.end + 1] += 1  # the window's last `scored` targets
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_batching_and_input_types_do_not_change_the_result(models, token_ids):
+    ours, _ = models
+    one = perplexity(ours, token_ids, stride=20, batch_size=1, progress=False)
+    many = perplexity(ours, token_ids.numpy().astype(np.uint16), stride=20, batch_size=16, progress=False)
+    listed = perplexity(ours, token_ids.tolist(), stride=20, batch_size=5, progress=False)
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert listed["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert one["stride"] == 20 and one["context"] == N_POSITIONS
+
+
+def test_bits_per_byte_and_defaults(models):
+    ours, _ = models
+    text = Tokenizer().encode(TEXT)
+    result = perplexity(ours, text, n_bytes=len(TEXT.encode()), progress=False)
+    assert result["stride"] == N_POSITIONS // 2 and result["tokens"] == len(text) - 1
+    loss_sum = result["loss"] * result["tokens"]
+    assert result["bits_per_byte"] == pytest.approx(loss_sum / (math.log(2) * len(TEXT.encode())), rel=1e-12)
+    assert perplexity(ours, text, progress=False)["bits_per_byte"] is None
+
+
+def test_model_mode_is_restored(models, token_ids):
+    ours, _ = models
+    ours.train()
+    try:
+        perplexity(ours, token_ids[:50], progress=False)
+        assert ours.training
+    finally:
+        ours.eval()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(stride=65), ConfigError, "stride=65"),
+    (dict(stride=0), ConfigError, "stride=0"),
+    (dict(context=65), ConfigError, "n_positions=64"),
+    (dict(context=16, stride=17), ConfigError, "context of 16"),
+    (dict(batch_size=0), ConfigError, "batch_size"),
+])
+def test_bad_settings(models, token_ids, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        perplexity(models[0], token_ids, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("ids", [[], [5], [5, 50257], [-1, 3]])
+def test_bad_tokens(models, ids):
+    with pytest.raises(DataError):
+        perplexity(models[0], ids, progress=False)
+
+
+def test_folder_is_documents_joined_by_endoftext(tmp_path):
+    (tmp_path / "b.md").write_text("second", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first é", encoding="utf-8")
+    (tmp_path / "skip.bin").write_bytes(b"\x00")
+    loaded = load_eval_text(tmp_path)
+    tok = Tokenizer()
+    assert loaded.tokens.tolist() == tok.encode("first é") + [tok.eot_token] + tok.encode("second")
+    assert loaded.n_bytes == len("first é".encode()) + len(b"second")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minigpt2.evaluate", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_json(models, checkpoint, tmp_path):
+    text_file = tmp_path / "val.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    done = run_cli("--model", str(checkpoint), "--text", str(text_file), "--stride", "16", "--json",
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    expected = perplexity(models[0], Tokenizer().encode(TEXT), stride=16, progress=False,
+                          n_bytes=len(TEXT.encode()))
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_cli_error_is_one_line(tmp_path):
+    done = run_cli("--model", "gpt2", "--text", str(tmp_path / "missing.txt"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "missing.txt" in done.stderr
+
+
+def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
+    ok = tmp_path / "ok.txt"
+    ok.write_text(TEXT, encoding="utf-8")
+    (tmp_path / "one_token.txt").write_text("a", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "empty_dir").mkdir()
+    model = ["--model", str(checkpoint)]
+    return {
+        "missing text": (model + ["--text", str(tmp_path / "nope.txt")], "no such file"),
+        "one token": (model + ["--text", str(tmp_path / "one_token.txt")], "at least 2"),
+        "empty text": (model + ["--text", str(tmp_path / "empty.txt")], "at least 2"),
+        "not utf-8": (model + ["--text", str(tmp_path / "latin1.txt")], "not UTF-8"),
+        "empty folder": (model + ["--text", str(tmp_path / "empty_dir")], "no .txt or .md"),
+        "stride > context": (model + ["--text", str(ok), "--stride", "65"], "stride=65"),
+        "context > n_positions": (model + ["--text", str(ok), "--context", "100"], "n_positions=64"),
+        "missing model": (["--model", str(tmp_path / "no_model"), "--text", str(ok)], "no_model"),
+        "report without --out": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
+                                  str(ok)], "--out"),
+        "unknown strategy": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
+                              str(ok), "--out", str(tmp_path / "r"), "--strategies", "greedy,nope"], "'nope'"),
+    }
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint, capsys):
+    for name, (argv, match) in bad_inputs(tmp_path, checkpoint).items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, argv + ["--quiet"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, name
+        assert err.count("\n") == 1 and "error: " in err and match in err, (name, err)
+
+
+# -- the before/after report -------------------------------------------------------------------------------------------
+
+DOCS = ["Fine-tuning adapts a pretrained model to a new domain.", "<script>alert('x')</script> & <b>bold</b> text",
+        "Sampling with top-p keeps the smallest set of likely tokens.", "A fourth document, for good measure."]
+
+
+def test_draw_prompts_opens_documents():
+    tok = Tokenizer()
+    ids = [tok.eot_token] + [t for doc in DOCS for t in tok.encode(doc) + [tok.eot_token]]
+    assert draw_prompts(ids, 2, 5) == [tok.encode(DOCS[0])[:5], tok.encode(DOCS[2])[:5]]
+    assert draw_prompts(ids, 4, 100) == [tok.encode(doc) for doc in DOCS]
+    assert draw_prompts(ids + ids, 8, 100) == [tok.encode(doc) for doc in DOCS]  # duplicates dropped
+    one_text = tok.encode(TEXT)
+    assert draw_prompts(one_text, 3, 4)[0] == one_text[:4] and len(draw_prompts(one_text, 3, 4)) == 3
+    with pytest.raises(DataError):
+        draw_prompts([tok.eot_token] * 5, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def report_dir(hf_checkpoint, tmp_path_factory):
+    base = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
+    finetuned = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS, seed=1))
+    tok = Tokenizer()
+    val = np.array([t for doc in DOCS for t in [tok.eot_token] + tok.encode(doc)] * 3, dtype=np.uint16)
+    out = tmp_path_factory.mktemp("report")
+    paths = write_report(base, finetuned, val, out, strategies=["greedy", "top-p"], max_new_tokens=6,
+                         num_prompts=2, prompt_tokens=12, base_name="base <model>", finetuned_name="tuned",
+                         prompts=["<i>Once</i> upon a time", DOCS[1]], n_bytes=1000)
+    expected = {name: perplexity(model, val, progress=False, n_bytes=1000)
+                for name, model in (("base &lt;model&gt;", base), ("tuned", finetuned))}
+    return out, paths, expected
+
+
+def test_report_writes_both_files_with_their_sections(report_dir):
+    out, (html_path, md_path), _ = report_dir
+    assert (html_path, md_path) == (out / "report.html", out / "report.md")
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]  # no temporary files left
+    for text in (html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")):
+        for section in ("How to read this", "Perplexity on", "Decoding strategies at a glance", "Samples",
+                        "greedy", "top-p", "Prompt 1", "Prompt 2", "distinct-1", "distinct-2", "repeated 3-grams",
+                        "mean log-prob", "coherence", "base &lt;model&gt;", "tuned"):
+            assert section in text, section
+        assert "### beam" not in text and "<h3>beam" not in text  # only the strategies asked for
+
+
+def test_report_html_is_self_contained_and_escaped(report_dir):
+    _, (html_path, _), _ = report_dir
+    page = html_path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    assert "<i>" not in page and "<b>" not in page and "<model>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "&lt;i&gt;Once&lt;/i&gt; upon a time" in page
+    assert page.count('<div class="pair">') == 2 * 2  # strategies x prompts, each pair side by side
+
+
+def test_report_perplexities_equal_perplexity(report_dir):
+    _, (html_path, md_path), expected = report_dir
+    md = md_path.read_text(encoding="utf-8")
+    for name, result in expected.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} | "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:4] == [f"{result['perplexity']:.3f}", f"{result['loss']:.4f}", f"{result['bits_per_byte']:.4f}"]
+        assert f"<td>{result['perplexity']:.3f}</td>" in html_path.read_text(encoding="utf-8")
+    assert expected["base &lt;model&gt;"]["perplexity"] != expected["tuned"]["perplexity"]
+
+
+def test_report_cli(checkpoint, tmp_path, capsys):
+    text_file = tmp_path / "val.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text", str(text_file),
+                 "--out", str(out), "--strategies", "greedy", "--num_prompts", "1", "--max_new_tokens", "4",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "(base)" in md and "(fine-tuned)" in md and "bits per byte" in md
+
+
+def test_prepared_dataset_gives_its_validation_split(tmp_path):
+    from minigpt2.dataset import FORMAT, PreparedDataset
+
+    tok = Tokenizer()
+    split = {name: np.array([t for doc in docs for t in [tok.eot_token] + tok.encode(doc)], dtype=np.uint16)
+             for name, docs in (("train", DOCS[:2]), ("val", DOCS[2:]))}
+    for name, tokens in split.items():
+        tokens.tofile(tmp_path / f"{name}.bin")
+    counts = {f"{name}_tokens": len(tokens) for name, tokens in split.items()}
+    (tmp_path / "meta.json").write_text(json.dumps({"format": FORMAT, "counts": counts}), encoding="utf-8")
+    loaded = load_eval_text(tmp_path)
+    assert np.array_equal(loaded.tokens, PreparedDataset(tmp_path).tokens("val")) and "validation" in loaded.source
+    assert loaded.n_bytes == len("".join(DOCS[2:]).encode("utf-8"))

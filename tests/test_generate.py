@@ -1,0 +1,414 @@
+"""generate() against transformers' GPT2LMHeadModel.generate on the same random weights, token for token.
+
+The checkpoints use initializer_range 0.2, so next-token distributions are peaked and float rounding never decides
+an argmax, a beam ranking or a sampled token. Sampling is compared by seeding torch's global generator before each
+side's call: both draw with one torch.multinomial per step on the same probabilities.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from minigpt2 import GPT, ConfigError, Tokenizer
+from minigpt2.generate import TextStream, stream_generate
+from minigpt2.generation_config import STRATEGIES, GenerationConfig
+from minigpt2.kv_cache import KVCache
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is as fast as two, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(hf_checkpoint):
+    path = hf_checkpoint()
+    return GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer().save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def prompts(seed: int, lengths=(7,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with EOT, and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), EOT)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, T - n:] = torch.randint(0, EOT, (n,), generator=g)
+        mask[row, T - n:] = 1
+    return ids, mask
+
+
+def both(pair, ids, mask=None, seed=None, **settings):
+    """(ours, transformers') sequences for the same call; the torch seed is reset before each side's call."""
+    settings.setdefault("pad_token_id", EOT)  # transformers wants it explicit; ours would default to the first eos
+    results = []
+    for model in pair:
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            results.append(model.generate(ids, attention_mask=mask, **settings))
+    return results
+
+
+def assert_same(pair, ids, mask=None, seed=None, **settings):
+    ours, theirs = both(pair, ids, mask, seed, **settings)
+    assert ours.tolist() == theirs.tolist(), settings
+    return ours
+
+
+def reachable_eos(pair, ids, mask=None, picks=((0, 2),), **settings):
+    """End-of-sequence ids that this call will really produce: tokens it generates when nothing stops it."""
+    ours, _ = pair
+    out = ours.generate(ids, attention_mask=mask, eos_token_id=None, pad_token_id=EOT, **settings)
+    T = ids.shape[1]
+    return sorted({int(out[row, T + step]) for row, step in picks})
+
+
+def reaches(sequences, prompt_length, eos, before_end=True):
+    """Whether some returned sequence generated an eos id (before its last column, unless before_end is False)."""
+    new = sequences[:, prompt_length:]
+    return bool(torch.isin(new[:, :-1] if before_end else new, torch.tensor(eos)).any())
+
+
+# --- greedy and the processors, one at a time and together -------------------------------------------------------
+
+def test_greedy_matches_transformers(pair):
+    for seed, length in ((0, 1), (1, 7), (2, 30)):
+        ids, _ = prompts(seed, (length,))
+        assert_same(pair, ids, max_new_tokens=24, do_sample=False)
+
+
+def test_max_length_and_a_single_new_token(pair):
+    ids, mask = prompts(25, (4, 9))
+    assert_same(pair, ids, mask, max_length=ids.shape[1] + 5)
+    assert_same(pair, ids, mask, max_length=ids.shape[1] + 5, num_beams=2)
+    assert_same(pair, ids, mask, max_new_tokens=1, num_beams=3, num_return_sequences=2)
+    assert_same(pair, ids, mask, max_new_tokens=1, do_sample=True, seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+def test_default_length_and_eos_are_transformers(pair):
+    ids, _ = prompts(3)
+    ours, theirs = both(pair, ids)  # no settings at all: 20 new tokens, greedy, eos 50256
+    assert ours.tolist() == theirs.tolist() and ours.shape[1] == ids.shape[1] + 20
+
+
+@pytest.mark.parametrize("settings", [
+    dict(repetition_penalty=1.5),
+    dict(repetition_penalty=0.7),
+    dict(no_repeat_ngram_size=1),
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=3),
+    dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
+])
+def test_greedy_with_processors(pair, settings):
+    for seed in (4, 5):
+        ids, _ = prompts(seed, (12,))
+        assert_same(pair, ids, max_new_tokens=24, **settings)
+
+
+def test_eos_reached_and_min_new_tokens(pair):
+    ids, mask = prompts(6, (5, 9))
+    eos = reachable_eos(pair, ids, mask, picks=((0, 3), (1, 6)), max_new_tokens=12)
+    out = assert_same(pair, ids, mask, max_new_tokens=12, eos_token_id=eos)
+    assert reaches(out, ids.shape[1], eos)
+    out = assert_same(pair, ids, mask, max_new_tokens=12, eos_token_id=eos, min_new_tokens=8)
+    assert not torch.isin(out[:, ids.shape[1]:ids.shape[1] + 8], torch.tensor(eos)).any()
+    assert_same(pair, ids, mask, max_new_tokens=12, eos_token_id=eos[0], pad_token_id=17)
+
+
+def test_generation_stops_when_every_row_has_ended(pair):
+    ids, _ = prompts(7)
+    eos = reachable_eos(pair, ids, picks=((0, 0),))
+    out = assert_same(pair, ids, max_new_tokens=30, eos_token_id=eos)
+    assert out.shape[1] == ids.shape[1] + 1
+
+
+# --- sampling: every warper, alone and combined, same torch seed -> same tokens --------------------------------------
+
+@pytest.mark.parametrize("settings", [
+    dict(),                                  # transformers' default top_k=50
+    dict(top_k=0),                           # pure sampling
+    dict(temperature=0.6, top_k=0),
+    dict(temperature=1.8),
+    dict(top_k=5),
+    dict(top_p=0.8, top_k=0),
+    dict(temperature=0.8, top_p=0.9),         # top-p over transformers' default top-k: sorts the 50 survivors only
+    dict(min_p=0.1, top_k=0),
+    dict(typical_p=0.7, top_k=0),
+    dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.95, repetition_penalty=1.2,
+         no_repeat_ngram_size=2),
+])
+def test_seeded_sampling_matches_transformers(pair, settings):
+    ids, mask = prompts(8, (4, 10))
+    for seed in (0, 1):
+        assert_same(pair, ids, mask, seed=seed, do_sample=True, max_new_tokens=16, **settings)
+
+
+def test_sampling_num_return_sequences_and_eos(pair):
+    ids, mask = prompts(9, (6, 3))
+    eos = reachable_eos(pair, ids, mask, picks=((0, 1), (1, 2)), max_new_tokens=10)
+    for seed in (2, 3):
+        assert_same(pair, ids, mask, seed=seed, do_sample=True, num_return_sequences=3, max_new_tokens=10, top_k=0,
+                    temperature=0.5, eos_token_id=eos)
+
+
+def test_generator_makes_sampling_reproducible(pair):
+    ours, _ = pair
+    ids, _ = prompts(10)
+    runs = [ours.generate(ids, do_sample=True, top_k=0, max_new_tokens=12, generator=torch.Generator().manual_seed(5))
+            for _ in range(2)]
+    torch.manual_seed(5)
+    assert runs[0].tolist() == runs[1].tolist() == ours.generate(ids, do_sample=True, top_k=0,
+                                                                max_new_tokens=12).tolist()
+
+
+# --- beam search --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+@pytest.mark.parametrize("length_penalty", [-1.0, 0.0, 1.0, 2.0])
+def test_beam_search_matches_transformers(pair, num_beams, early_stopping, length_penalty):
+    ids, mask = prompts(11, (6, 9))
+    settings = dict(num_beams=num_beams, early_stopping=early_stopping, length_penalty=length_penalty,
+                    max_new_tokens=10, num_return_sequences=num_beams)
+    eos = reachable_eos(pair, ids, mask, picks=((0, 1), (0, 7), (num_beams - 1, 6), (num_beams, 8)), **settings)
+    out = assert_same(pair, ids, mask, eos_token_id=eos, **settings)
+    if length_penalty <= 1 or early_stopping is True:
+        # (A strong length reward can let full-length hypotheses beat every one that ended: nothing to check then.)
+        assert reaches(out, ids.shape[1], eos, before_end=length_penalty <= 1)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(num_beams=3, num_return_sequences=1),
+    dict(num_beams=5, num_return_sequences=2, no_repeat_ngram_size=2, repetition_penalty=1.3),
+    dict(num_beams=4, min_new_tokens=6),
+    dict(num_beams=3, eos_token_id=None, max_new_tokens=7),
+])
+def test_beam_search_variants(pair, settings):
+    ids, mask = prompts(12, (8, 5, 11))
+    settings = {"max_new_tokens": 12, **settings}
+    if "eos_token_id" not in settings:
+        settings["eos_token_id"] = reachable_eos(pair, ids, mask, picks=((0, 2), (1, 4)),
+                                                 **{k: v for k, v in settings.items() if k != "min_new_tokens"})
+    elif settings["eos_token_id"] is None:
+        settings.pop("eos_token_id")  # transformers would read None as "unset": use the default eos on both sides
+    assert_same(pair, ids, mask, **settings)
+
+
+def test_beam_sampling_matches_transformers(pair):
+    ids, mask = prompts(13, (5, 8))
+    for seed in (0, 1):
+        assert_same(pair, ids, mask, seed=seed, num_beams=3, do_sample=True, num_return_sequences=2,
+                    max_new_tokens=10, temperature=0.7, top_k=0)
+
+
+# --- batches, the cache, the context -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [dict(), dict(num_beams=3), dict(repetition_penalty=1.4, no_repeat_ngram_size=2)])
+def test_left_padded_batch_equals_each_prompt_alone(pair, settings):
+    ours, _ = pair
+    lengths = (3, 11, 7)
+    ids, mask = prompts(14, lengths)
+    eos = reachable_eos(pair, ids, mask, picks=((0, 3),), max_new_tokens=12, **settings)
+    settings = dict(max_new_tokens=12, eos_token_id=eos, **settings)
+    batch = assert_same(pair, ids, mask, **settings)
+    T = ids.shape[1]
+    for row, n in enumerate(lengths):
+        alone = ours.generate(ids[row:row + 1, T - n:], **settings)[0].tolist()
+        padded = batch[row, T - n:].tolist()
+        assert padded[:len(alone)] == alone
+        assert all(t == EOT for t in padded[len(alone):])
+
+
+def test_mask_inferred_from_pad_token_id_like_transformers(pair):
+    ids, _ = prompts(15, (4, 9))
+    pad = 11
+    ids[ids == EOT] = pad
+    assert_same(pair, ids, max_new_tokens=8, pad_token_id=pad)
+
+
+def test_cached_steps_equal_uncached_logits_with_beam_reordering(pair):
+    ours, _ = pair
+    ids, mask = prompts(16, (5, 9, 9))
+    rows, T = ids.shape
+    cache = KVCache(ours.config, rows, T + 6)
+    extra = torch.randint(0, EOT, (rows, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours(ids, attention_mask=mask, kv_cache=cache)
+        seqs, masks = ids, mask
+        for step, order in enumerate(([0, 1, 2], [1, 0, 2], [2, 2, 0], [0, 1, 1], [1, 2, 0], [0, 0, 0])):
+            order = torch.tensor(order)
+            cache.reorder(order)  # includes swaps and one row copied to several
+            seqs, masks = torch.cat([seqs[order], extra[:, step:step + 1]], 1), torch.cat([masks[order],
+                                                                                           torch.ones(rows, 1)], 1)
+            cached = ours(extra[:, step:step + 1], attention_mask=masks, kv_cache=cache)[:, -1]
+            full = ours(seqs, attention_mask=masks)[:, -1]
+            assert torch.allclose(cached, full, rtol=0, atol=1e-4 * full.abs().max())
+
+
+def test_context_overflow_is_a_clear_error(pair):
+    ours, _ = pair
+    n_positions = ours.config.n_positions
+    ids, _ = prompts(17, (n_positions - 10,))
+    with pytest.raises(ConfigError, match="max_new_tokens.*sliding_window"):
+        ours.generate(ids, max_new_tokens=11)
+    assert ours.generate(ids, max_new_tokens=10, eos_token_id=None).shape[1] == n_positions
+    # Without an explicit length, the default 20 tokens stop at the context, as in transformers.
+    assert ours.generate(ids, eos_token_id=None).shape[1] == n_positions
+    with pytest.raises(ConfigError, match="sliding_window"):
+        ours.generate(ids, max_new_tokens=11, num_beams=2, sliding_window=True)
+
+
+def test_sliding_window_predicts_each_token_from_its_window(pair):
+    ours, _ = pair
+    n = ours.config.n_positions
+    ids, _ = prompts(18, (n - 28,))
+    out = ours.generate(ids, max_new_tokens=60, eos_token_id=None, sliding_window=True)
+    assert out.shape[1] == n - 28 + 60
+    with torch.no_grad():
+        for column in range(ids.shape[1], out.shape[1]):
+            # Up to a full window the context is everything; then, each time the window is full, it restarts with
+            # its newest half and grows again: every n // 2 + 1 tokens.
+            period = n // 2 + 1
+            start = 0 if column <= n else n + 1 + (column - n - 1) // period * period - n // 2
+            logits = ours(out[:, start:column])[0, -1]
+            assert int(logits.argmax()) == int(out[0, column]), column
+
+
+def test_sliding_window_accepts_a_prompt_longer_than_the_context(pair):
+    ours, _ = pair
+    ids, _ = prompts(19, (ours.config.n_positions + 5,))
+    out = ours.generate(ids, max_new_tokens=3, eos_token_id=None, sliding_window=True)
+    assert out.shape[1] == ids.shape[1] + 3 and out[:, :ids.shape[1]].tolist() == ids.tolist()
+
+
+# --- stop strings and streaming ------------------------------------------------------------------------------------
+
+def test_stop_strings_match_transformers(pair, hf_tokenizer):
+    ours, ref = pair
+    tok = Tokenizer()
+    ids, mask = prompts(20, (6, 9))
+    free = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    # Stop strings cut from the text each row really generates, across a token boundary and inside a token.
+    row0 = tok.decode_bytes(free[0, ids.shape[1]:].tolist())
+    row1 = tok.decode_bytes(free[1, ids.shape[1]:].tolist())
+    stops = [row0[len(row0) // 2 - 2:len(row0) // 2 + 1].decode("utf-8", errors="ignore") or "a",
+             row1[5:7].decode("utf-8", errors="ignore") or "e"]
+    ours_out = ours.generate(ids, attention_mask=mask, max_new_tokens=12, stop_strings=stops)
+    with torch.no_grad():
+        theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=12, stop_strings=stops,
+                              tokenizer=hf_tokenizer, pad_token_id=EOT)
+    assert ours_out.tolist() == theirs.tolist()
+    assert ours_out.shape[1] < free.shape[1]
+    ours_beams = ours.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, stop=stops)
+    with torch.no_grad():
+        their_beams = ref.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=3, stop_strings=stops,
+                                   tokenizer=hf_tokenizer, pad_token_id=EOT)
+    assert ours_beams.tolist() == their_beams.tolist()
+
+
+def test_stream_yields_the_generated_text(pair):
+    ours, _ = pair
+    tok = Tokenizer()
+    ids, _ = prompts(21)
+    full = ours.generate(ids, max_new_tokens=15, eos_token_id=None)
+    pieces = list(stream_generate(ours, ids, max_new_tokens=15, eos_token_id=None))
+    assert "".join(pieces) == tok.decode(full[0, ids.shape[1]:].tolist())
+    assert len(pieces) > 1
+    text = tok.decode(full[0, ids.shape[1]:].tolist())
+    stop = text[6:9]
+    streamed = "".join(stream_generate(ours, ids, max_new_tokens=15, eos_token_id=None, stop=stop))
+    assert streamed == text[:text.find(stop)]
+    assert "".join(stream_generate(ours, tok.decode(ids[0].tolist()), max_new_tokens=15, eos_token_id=None)) == text
+
+
+def test_text_stream_holds_back_partial_stop_strings_and_characters():
+    tok = Tokenizer()
+    stream = TextStream(tok, ["\n\nEND"])
+    pieces = [stream.push(t) for t in tok.encode("Hello\n\nEN")]
+    assert "".join(pieces) == "Hello"                      # "\n\nEN" may become the stop string: held back
+    assert stream.push(tok.encode("D")[0]) == ""           # it did: the stream ends before it
+    assert stream.finish() == ""
+    stream = TextStream(tok, ["\n\nEND"])
+    assert "".join(stream.push(t) for t in tok.encode("Hi\n\nEx")) + stream.finish() == "Hi\n\nEx"
+    stream = TextStream(tok, [])
+    first, second = (stream.push(t) for t in tok.encode("🙂"))  # one character, two tokens
+    assert (first, second) == ("", "🙂")
+
+
+def test_streamer_callback_sees_every_token(pair):
+    ours, _ = pair
+    ids, mask = prompts(22, (3, 6))
+    seen = []
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None, streamer=seen.append)
+    assert torch.stack(seen, 1).tolist() == out[:, ids.shape[1]:].tolist()
+
+
+# --- invalid settings ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("settings", "name"), [
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(typical_p=0.0), "typical_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
+    (dict(num_return_sequences=2), "num_return_sequences"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_beams=0), "num_beams"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_new_tokens=-1), "min_new_tokens"),
+    (dict(eos_token_id=[]), "eos_token_id"),
+    (dict(eos_token_id=60000), "eos_token_id"),
+    (dict(pad_token_id=-3), "pad_token_id"),
+    (dict(stop_strings=[""]), "stop_strings"),
+    (dict(max_length=3), "max_length"),
+    (dict(temprature=0.5), "temprature"),
+])
+def test_invalid_settings_raise_value_error_naming_the_setting(pair, settings, name):
+    ours, _ = pair
+    ids, _ = prompts(23)
+    with pytest.raises(ValueError, match=name):
+        ours.generate(ids, **settings)
+
+
+def test_invalid_inputs_raise_value_error(pair):
+    ours, _ = pair
+    with pytest.raises(ValueError, match="empty"):
+        ours.generate(torch.zeros(1, 0, dtype=torch.long))
+    ids, mask = prompts(24, (3, 5))
+    with pytest.raises(ValueError, match="left"):
+        ours.generate(ids, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="empty"):
+        ours.generate(ids, attention_mask=torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="vocabulary"):
+        ours.generate(torch.tensor([[60000]]))
+
+
+def test_strategy_presets():
+    for name in STRATEGIES:
+        config = GenerationConfig.from_strategy(name, max_new_tokens=5)
+        assert config.max_new_tokens == 5
+    assert GenerationConfig.from_strategy("top-p").top_p < 1 and GenerationConfig.from_strategy("beam").num_beams > 1
+    with pytest.raises(ConfigError, match="strategy"):
+        GenerationConfig.from_strategy("nucleus")

@@ -1,0 +1,109 @@
+"""sample.py: flags with transformers' names (underscored or dashed), presets, streaming, --compare, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt2 import GPT, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402  (the script at the repository root)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoint):
+    return str(hf_checkpoint())
+
+
+def run(argv, capsys):
+    """Run sample.py's main as the script does; (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        sample.run_main(sample.main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_greedy_output_is_generate_with_the_same_settings(model_dir, capsys):
+    code, out, _ = run(["--model", model_dir, "--prompt", "The answer is", "--max-new-tokens", 9,
+                        "--repetition_penalty", 1.3, "--eos-token-id", "none"], capsys)
+    assert code == 0
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode("The answer is")])
+    expected = GPT.from_pretrained(model_dir).generate(ids, max_new_tokens=9, repetition_penalty=1.3,
+                                                       eos_token_id=None)
+    assert out == "The answer is" + tok.decode(expected[0, ids.shape[1]:].tolist()) + "\n"
+
+
+def test_stream_prints_the_same_text(model_dir, capsys):
+    args = ["--model", model_dir, "--prompt", "Once", "--max_new_tokens", 8, "--eos_token_id", "none"]
+    assert run(args, capsys)[1] == run([*args, "--stream"], capsys)[1]
+
+
+def test_seeded_samples_are_reproducible(model_dir, capsys, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("It was a dark", encoding="utf-8")
+    args = ["--model", model_dir, "--prompt_file", prompt, "--strategy", "top-p", "--top_p", 0.8, "--num_samples", 2,
+            "--seed", 4, "--max_new_tokens", 6]
+    first, second = run(args, capsys), run(args, capsys)
+    assert first[0] == 0 and first[1] == second[1]
+    assert first[1].count("=== sample") == 2
+    assert run([*args[:-4], "--seed", 5, "--max_new_tokens", 6], capsys)[1] != first[1]
+
+
+def test_beam_preset_with_overrides(model_dir, capsys):
+    code, out, _ = run(["--model", model_dir, "--prompt", "Hi", "--strategy", "beam", "--num_beams", 3,
+                        "--num_samples", 2, "--early_stopping", "never", "--max_new_tokens", 5], capsys)
+    assert code == 0 and out.count("=== sample") == 2
+
+
+def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
+    code, out, _ = run(["--model", model_dir, "--prompt", "The", "--compare", "--num_samples", 2, "--seed", 0,
+                        "--max_new_tokens", 8], capsys)
+    assert code == 0
+    for name in sample.STRATEGIES:
+        assert f"=== {name} " in out
+    assert "distinct-1" in out and "rep-3" in out and "logprob/tok" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "{missing}", "--prompt", "x"], "no such checkpoint"),
+    (["--prompt", "x", "--top_p", "1.5"], "top_p"),
+    (["--prompt", "x", "--do_sample", "true", "--temperature", "0"], "temperature"),
+    (["--prompt", "x", "--top-k", "abc"], "top-k"),
+    (["--prompt", "x", "--early_stopping", "maybe"], "early_stopping"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt_file", "{missing}"], "no such file"),
+    ([], "no prompt"),
+    (["--prompt", "x", "--max_new_tokens", "500"], "context"),
+    (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
+])
+def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
+    argv = [a.format(missing=tmp_path / "missing") for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", model_dir, *argv]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_script_exits_2_without_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "none"), "--prompt",
+                             "x"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
