@@ -435,7 +435,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         if not bool(improvable.any()) or all_full or bool(ended.all()):
             break
 
-        cache.reorder((parents.gather(1, best) + batch_offset).view(-1))
+        cache.reorder((parents.gather(1, best) + batch_offset).view(-1), start=T)
         logits, start = _step_logits(run, cache, start, length, running[:, :, length - 1].reshape(-1))
 
     n = config.num_return_sequences

@@ -59,11 +59,12 @@ class KVCache:
         grown.v[:, :, :, :n] = self.v[:, :, :, :n].repeat_interleave(repeats, dim=1)
         return grown
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
         """Row i continues from row index[i] (beam search: each surviving beam takes its parent's keys/values).
 
-        Only rows whose parent is another row are written, and only their filled part: a beam that extends itself,
-        the common case, costs nothing.
+        Only rows whose parent is another row are written, and only their filled positions from `start` on: beams
+        of one prompt share the prompt's keys/values, so beam search passes start=prompt length and copies just the
+        generated part. A beam that extends itself, the common case, costs nothing.
         """
         moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
         if len(moved) == 0:
@@ -71,5 +72,5 @@ class KVCache:
         parents = index[moved]
         n = self.length
         # Gather first, then write: a swap (rows 0 <- 1 and 1 <- 0) must read both rows before either is overwritten.
-        self.k[:, moved, :, :n] = self.k[:, parents, :, :n]
-        self.v[:, moved, :, :n] = self.v[:, parents, :, :n]
+        self.k[:, moved, :, start:n] = self.k[:, parents, :, start:n]
+        self.v[:, moved, :, start:n] = self.v[:, parents, :, start:n]

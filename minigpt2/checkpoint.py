@@ -1,0 +1,227 @@
+"""Training checkpoints: a loadable model plus everything needed to continue the run exactly, with no pickles.
+
+A checkpoint is a directory `<out>/checkpoint-<step>`:
+
+    config.json, model.safetensors,        the model, as save_pretrained writes it: transformers, sample.py and
+    generation_config.json                 `--init DIR` load it like any Hub checkpoint
+    training_state.json                    the training state's numbers and names: step, config, metrics, data
+                                           cursor, loss-scaler state, optimizer step counts, Python's RNG state
+    training_state.safetensors             the training state's tensors: AdamW moments, torch/CUDA/numpy RNG states
+
+Why no pickles: unpickling runs arbitrary code, so a pickled checkpoint downloaded from somewhere is a program. Here
+tensors go to safetensors and everything else to JSON; `encode_state` splits any nested state into the two, leaving
+`{"__tensor__": key}` placeholders in the JSON, and `decode_state` puts it back together.
+
+Why atomic: a run killed while saving (Ctrl-C twice, an out-of-memory kill, a preempted machine) must not destroy
+the checkpoint it would resume from. Each checkpoint is written in full into a hidden temporary directory beside
+the others, flushed to disk, and only then renamed to its final name; a rename within one file system is atomic, so
+a checkpoint directory either exists complete or not at all. Older checkpoints are pruned only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+PREFIX = "checkpoint-"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+FORMAT = "minigpt2-training-state/1"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+_TEMP_PREFIXES = (".tmp-", ".old-")
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint taken after `step` updates (zero-padded, so names sort by step)."""
+    return f"{PREFIX}{step:07d}"
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True if `path` is a complete training checkpoint (model files and training state)."""
+    path = Path(path)
+    return all((path / name).is_file() for name in ("config.json", STATE_JSON, STATE_TENSORS))
+
+
+def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints in `out_dir`, oldest (lowest step) first."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and is_checkpoint(p)]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the highest step in `out_dir`, or None."""
+    checkpoints = list_checkpoints(out_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> None:
+    """Delete half-written checkpoints left behind by a run that was killed while saving."""
+    out = Path(out_dir)
+    if out.is_dir():
+        for path in out.iterdir():
+            if path.is_dir() and path.name.startswith(_TEMP_PREFIXES) and path.name[5:].startswith(PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: str | os.PathLike[str], step: int, model: torch.nn.Module,
+                    state: dict[str, Any]) -> Path:
+    """Write `model` and the training `state` to `out_dir`/checkpoint-<step>, atomically; return its path.
+
+    `model` must have `save_pretrained(directory)` (a GPT, not its DDP or torch.compile wrapper). `state` is any
+    nesting of dicts (string keys), lists, numbers, strings, None, torch tensors and numpy arrays.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    final = out / name
+    staging = out / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    old = None
+    try:
+        model.save_pretrained(staging)
+        json_part, tensors = encode_state(state)
+        save_file(tensors, staging / STATE_TENSORS, metadata={"format": FORMAT})
+        # The JSON goes last: a directory holding it has every other file complete.
+        (staging / STATE_JSON).write_text(json.dumps({"format": FORMAT, **json_part}, indent=1) + "\n")
+        _fsync_directory_tree(staging)
+        if final.exists():  # saving the same step again: move the old one aside first, delete it after
+            old = out / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        _fsync(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The training state saved in `checkpoint` (tensors on the CPU). CheckpointError if it is missing or broken."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path}: not a training checkpoint (it needs config.json, {STATE_JSON} and "
+                              f"{STATE_TENSORS}); to start from its weights without the training state, use "
+                              "--init instead of --resume")
+    try:
+        json_part = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(path / STATE_TENSORS)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: the training state is unreadable ({exc}); resume from an earlier "
+                              "checkpoint") from None
+    if json_part.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{path / STATE_JSON}: unknown format; expected {FORMAT}")
+    return decode_state(json_part, tensors)
+
+
+def read_saved_config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TrainConfig settings a checkpoint was written with (from its JSON only; no tensors are read)."""
+    path = Path(checkpoint) / STATE_JSON
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot read the saved settings ({exc})") from None
+
+
+def prune_checkpoints(out_dir: str | os.PathLike[str], keep_last: int, protect: Path | None = None) -> None:
+    """Delete all but the `keep_last` newest checkpoints, never `protect` (the best one)."""
+    checkpoints = list_checkpoints(out_dir)
+    doomed = checkpoints[:-keep_last] if keep_last > 0 else checkpoints
+    for path in doomed:
+        if protect is None or path.resolve() != Path(protect).resolve():
+            shutil.rmtree(path)
+
+
+def encode_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state into a JSON-serialisable part and a flat {key: tensor} dict for safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(obj: Any, key: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[key] = obj.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+            return {"__tensor__": key}
+        if isinstance(obj, np.ndarray):
+            # safetensors-for-torch lacks unsigned types wider than 8 bits: widen to int64, record the dtype.
+            wide = obj.astype(np.int64) if obj.dtype.kind == "u" and obj.itemsize > 1 else obj
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(wide)).clone()
+            return {"__tensor__": key, "numpy": str(obj.dtype)}
+        if isinstance(obj, dict):
+            if not all(isinstance(k, str) for k in obj):
+                raise TypeError(f"state keys must be strings, found {list(obj)[:3]} at {key or 'top level'}")
+            return {k: encode(v, f"{key}.{k}" if key else k) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [encode(v, f"{key}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, (bool, int, float, str, type(None))):
+            return obj
+        if isinstance(obj, (np.integer, np.floating)):
+            return obj.item()
+        raise TypeError(f"cannot store {type(obj).__name__} at {key or 'top level'} in a checkpoint")
+
+    return encode(state, ""), tensors
+
+
+def decode_state(json_part: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode_state` (tuples come back as lists)."""
+    if isinstance(json_part, dict):
+        if "__tensor__" in json_part:
+            tensor = tensors[json_part["__tensor__"]]
+            return tensor.numpy().astype(json_part["numpy"]) if "numpy" in json_part else tensor
+        return {k: decode_state(v, tensors) for k, v in json_part.items()}
+    if isinstance(json_part, list):
+        return [decode_state(v, tensors) for v in json_part]
+    return json_part
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator a run draws from: Python's, numpy's global one, torch's CPU and CUDA ones."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "numpy": np.random.get_state(legacy=False),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators saved by `rng_state` (the CUDA ones only if this process uses CUDA)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the data files were synced already
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(root)

@@ -1,0 +1,634 @@
+"""The training loop: batches in, better weights and checkpoints out.
+
+One update (a "step") of the loop:
+
+    lr = schedule(step)
+    x, y = next batch of batch_size * grad_accum windows        (every process draws its own rows of it)
+    for each of the grad_accum micro-batches:                    gradient accumulation: a big batch in small pieces
+        loss = cross_entropy(model(x_i), y_i) / grad_accum       (autocast to bf16/fp16 if asked)
+        loss.backward()                                          gradients add up in .grad
+    norm = ||grad||;  clip by max(1, norm / grad_clip)           one bad batch cannot throw the weights far
+    AdamW update (skipped if the loss or the gradients are not finite), zero the gradients
+    every eval_interval steps: validation loss, checkpoint, early stopping
+
+Several processes (`torchrun --nproc_per_node N train.py ...`, on one machine or many) run data-parallel with
+torch's DistributedDataParallel: each process holds a full copy of the model, computes gradients on its own rows of
+the batch, and DDP averages the gradients across processes during backward (an all-reduce), so every copy takes the
+same update. Averaging N processes' gradients is the same arithmetic as accumulating N micro-batches, which is why a
+run on 2 processes matches a run on 1 process with twice the grad_accum (tests/test_train.py). During the first
+grad_accum - 1 micro-batches DDP's all-reduce is switched off (`no_sync`): only the sum needs averaging.
+
+Precision. fp32 is the reference. bf16 autocast runs matmuls in bfloat16 while the weights, the optimizer and the
+loss stay fp32; bfloat16 has fp32's exponent range, so nothing overflows. fp16 has far less range: small gradients
+underflow to zero, so the loss is multiplied by a large factor before backward and the gradients divided by it
+before the update (torch's GradScaler); when that overflows, the update is skipped and the factor lowered.
+
+Stopping. Ctrl-C or SIGTERM (what schedulers send before preempting) sets a flag; the loop finishes the current
+step, saves a checkpoint and returns, and `train.py` prints how to resume. A second Ctrl-C quits at once. With
+several processes the flag is agreed on by all of them at every step, so they stop at the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import GPTConfig
+from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
+from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error
+from .model import GPT, lm_loss
+from .optim import AdamW, clip_factor, grad_norm, param_groups
+from .schedule import LRSchedule
+from .train_config import TrainConfig
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# The bundled corpus is built on first use: in <repo>/data/pydocs when running from a source checkout (where
+# `python data/prepare.py` puts it too), else in ./data/pydocs.
+DEFAULT_CORPUS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "pydocs"
+RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png", "config.json", "model.safetensors",
+             "generation_config.json")
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
+
+
+class TrainingError(MiniGPT2Error):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a call to `Trainer.train` ended with.
+
+    stopped_by: None if the run reached max_steps; "early stopping", "stop_after", "SIGINT" or "SIGTERM" otherwise.
+    model_dir: where the final (best) model was written as a save_pretrained directory, if the run completed.
+    """
+
+    step: int
+    out_dir: Path
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    best_val_loss: float | None
+    stopped_by: str | None
+    model_dir: Path | None
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK...).
+
+    The backend is NCCL for GPUs and gloo for CPUs. Outside torchrun this is a single process, rank 0 of 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device for "auto" (CUDA if available, else CPU) or a name; a bare "cuda" means this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available to torch; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for `device`; "auto" is the fastest that trains reliably there.
+
+    GPUs: bf16 where supported (Ampere and newer), else fp16 with loss scaling. CPUs: bf16 only with AMX matrix
+    units; with just AVX-512 bf16 instructions, bf16 autocast measured slower than fp32 (docs/benchmarks.md).
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return "bf16" if amx else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("--dtype fp16 needs a CUDA GPU (its loss scaling is built for GPUs); use bf16 or fp32 on "
+                          "a CPU")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--dtype bf16 is not supported by this GPU; use fp16 or fp32")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (each process passes seed + its rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint that --resume names: None (no resume, or "auto" with none in `out` yet), or its path.
+
+    A run's output directory stands for its latest checkpoint.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(out)
+    path = Path(resume)
+    if ckpt.is_checkpoint(path):
+        return path
+    found = ckpt.latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(f"--resume {resume}: not a training checkpoint, and no checkpoint-* inside it; pass a "
+                          "checkpoint directory, or 'auto' for the latest one in --out")
+    return found
+
+
+def previous_run(out: Path) -> list[Path]:
+    """The files and checkpoints in `out` that belong to an earlier training run."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(ckpt.PREFIX))
+
+
+class Trainer:
+    """Sets up a run from a TrainConfig (data, model, optimizer, resumed state) and trains it with `train()`.
+
+    Errors the user can fix (bad settings, missing data, an output directory holding another run, an unreachable
+    Hub) raise MiniGPT2Error subclasses before anything is written.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.dist = init_distributed(config.device)
+        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.out = Path(config.out)
+        self.resume_from = find_resume_checkpoint(config.resume, self.out)
+        replacing = self.resume_from is None and not config.resume and not config.overwrite
+        if self.dist.is_main and replacing and previous_run(self.out):
+            raise ConfigError(f"{self.out} already holds a training run; pass --resume auto to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
+        seed_everything(config.seed + self.dist.rank)
+        self.raw_model = self._load_model(self.resume_from or config.init)  # first: an unreachable Hub fails fast
+        self.data = self._load_data()
+        self._check_fit()
+        self.model = self._wrap_model(self.raw_model)
+        self.optimizer = AdamW(param_groups(self.raw_model, config.weight_decay), lr=config.lr,
+                               betas=(config.beta1, config.beta2), eps=config.eps)
+        self.schedule = LRSchedule(config.lr, config.max_steps, config.warmup_steps, config.lr_schedule,
+                                   config.lr * config.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" else None
+        self.loader = BatchLoader(self.data.tokens("train"), config.batch_size * config.grad_accum,
+                                  config.block_size, mode=config.data_mode, seed=config.seed,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_improvement = 0
+        self.bad_steps = 0
+        self.last_saved_step: int | None = None
+        self._stop_signal: str | None = None
+        if state is not None:
+            self._restore(state)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _load_data(self) -> PreparedDataset:
+        from .prepare import ensure_prepared
+
+        cfg = self.config
+        # One process per machine prepares (or downloads) while the others wait, then they all read the result.
+        for turn in ("first", "rest"):
+            if (self.dist.local_rank == 0) == (turn == "first"):
+                if cfg.data:
+                    if not Path(cfg.data).exists():
+                        raise DataError(f"--data {cfg.data}: no such file or directory")
+                    path = ensure_prepared(cfg.data, Path(cfg.data).resolve().parent / ".prepared",
+                                           block_size=cfg.block_size)
+                else:
+                    from .pydocs import default_corpus
+
+                    path = ensure_prepared(default_corpus(DEFAULT_CORPUS_DIR), DEFAULT_CORPUS_DIR,
+                                           block_size=cfg.block_size)
+            self.dist.barrier()
+        return PreparedDataset(path)
+
+    def _load_model(self, source: str | Path) -> GPT:
+        cfg = self.config
+        overrides = {}
+        if cfg.dropout is not None:
+            overrides = dict(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
+        if str(source) == "scratch":
+            torch.manual_seed(cfg.seed)  # the same initial weights in every process
+            model = GPT(GPTConfig.from_preset(cfg.model_preset, **overrides))
+            torch.manual_seed(cfg.seed + self.dist.rank)
+        else:
+            model = None
+            for turn in ("first", "rest"):  # one download per machine
+                if (self.dist.local_rank == 0) == (turn == "first"):
+                    model = self._from_pretrained(str(source), overrides)
+                self.dist.barrier()
+        if cfg.block_size > model.config.n_positions:
+            raise ConfigError(f"--block_size {cfg.block_size} is longer than the model's context of "
+                              f"{model.config.n_positions} positions")
+        return model.to(self.device).train()
+
+    def _check_fit(self) -> None:
+        vocab = self.data.meta.get("tokenizer", {}).get("vocab_size")
+        needed = int(vocab) if vocab is not None else int(self.data.tokens("train").max()) + 1
+        if needed > self.raw_model.config.vocab_size:
+            raise DataError(f"the data uses token ids up to {needed - 1}, but the model's vocabulary has "
+                            f"{self.raw_model.config.vocab_size} entries; prepare the data with the model's "
+                            "tokenizer")
+
+    @staticmethod
+    def _from_pretrained(source: str, overrides: dict[str, float]) -> GPT:
+        try:
+            return GPT.from_pretrained(source, **overrides)
+        except CheckpointError as exc:
+            if Path(source).exists():
+                raise
+            raise CheckpointError(f"--init {exc}; to train without the Hub, use --init scratch (a small model from "
+                                  "random weights) or --init DIR (a checkpoint directory on this machine)") from None
+
+    def _wrap_model(self, model: GPT) -> torch.nn.Module:
+        cfg = self.config
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        if not cfg.compile and not self.dist.enabled:
+            # The token embedding's gradient as sparse rows: the tied head already produces a dense gradient for
+            # the same matrix, and adding the few rows a batch touched into it is far cheaper than building a second
+            # dense vocab x n_embd gradient and adding that (about 5% of a CPU step for gpt2). compile and DDP's
+            # gradient buckets want dense gradients, so they keep the plain path.
+            model.transformer.wte.sparse = True
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None)
+        if cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_by_name(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        tracker = state["tracker"]
+        self.best_val_loss, self.best_step = tracker["best_val_loss"], tracker["best_step"]
+        self.evals_without_improvement = tracker["evals_without_improvement"]
+        self.last_saved_step = self.step
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            self._log(f"note: the checkpoint was written by {len(rngs)} process(es), this run has "
+                      f"{self.dist.world_size}; dropout randomness restarts from the seed (data order is exact)")
+            seed_everything(self.config.seed + self.dist.rank + self.step)
+        self._log(f"resuming from {self.resume_from} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Train until max_steps (or until `stop_after` steps, keeping the schedule of max_steps); checkpoint.
+
+        Returns what happened; raises TrainingError if updates stayed non-finite for max_bad_steps in a row.
+        """
+        cfg = self.config
+        until = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+        set_aside = self._start_files()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * self.dist.world_size
+        bar = self._progress_bar()
+        stopped_by = None
+        window = {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}  # since the last metrics line
+        with self._signals_caught():
+            while self.step < until and stopped_by is None:
+                started = time.perf_counter()
+                loss, norm, lr, stop_requested = self.train_step()
+                seconds = time.perf_counter() - started
+                self.step += 1
+                if math.isfinite(loss):
+                    window["loss"] += loss
+                    window["finite"] += 1
+                window["steps"] += 1
+                window["seconds"] += seconds
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tokens_per_step / seconds:,.0f} tok/s")
+                if self.step % cfg.log_interval == 0 or self.step == until:
+                    mean_loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
+                    self._write_metrics({"step": self.step, "loss": mean_loss, "lr": lr,
+                                         "grad_norm": norm, "tokens_per_s": tokens_per_step * window["steps"] /
+                                         window["seconds"], "tokens": self.step * tokens_per_step})
+                    window = {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}
+                if stop_requested:
+                    stopped_by = self._stop_signal or "a signal in another process"
+                    self._save()
+                    break
+                at_eval = cfg.eval_interval and self.step % cfg.eval_interval == 0
+                if at_eval or self.step == cfg.max_steps:
+                    stopped_by = self._evaluate_and_save()
+                if self.step == until and stopped_by is None and until < cfg.max_steps:
+                    stopped_by = "stop_after"
+                    if self.last_saved_step != self.step:
+                        self._save()
+                if set_aside is not None and self.last_saved_step is not None and self.dist.is_main:
+                    shutil.rmtree(set_aside, ignore_errors=True)  # the new run has its first checkpoint now
+                    set_aside = None
+        if bar is not None:
+            bar.close()
+        model_dir = self._export_best() if stopped_by in (None, "early stopping") else None
+        if self.dist.is_main:
+            write_loss_plot(self.out / "metrics.jsonl", self.out / "loss.png", log=self._log)
+        return TrainResult(self.step, self.out, self._checkpoint_path(self.last_saved_step),
+                           self._checkpoint_path(self.best_step), self.best_val_loss, stopped_by, model_dir)
+
+    def train_step(self) -> tuple[float, float, float, bool]:
+        """One update of the loop, without logging or checkpoints (what `train` repeats and benchmarks time).
+
+        Returns (mean loss, gradient norm before clipping, learning rate, whether every process should stop now).
+        """
+        cfg = self.config
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.loader.next_batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(cfg.grad_accum):
+            rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+            last = i == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = lm_loss(self.model(x[rows]), y[rows])
+                loss_sum += loss.detach()
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        # One small all-reduce carries both the loss for logging and the stop flag, so that all processes agree.
+        shared = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(self._stop_signal is not None),
+                                                                        device=self.device)])
+        if self.dist.enabled:
+            dist.all_reduce(shared)
+            shared[0] /= self.dist.world_size
+        loss, stop = shared.tolist()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = grad_norm(self.raw_model.parameters()).item()  # the same in every process: grads are averaged
+        factor = clip_factor(norm, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer, grad_scale=factor)  # skips the update itself on inf/nan gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step(grad_scale=factor)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_bad_step(finite, loss, norm)
+        return loss, norm, lr, stop > 0
+
+    def _count_bad_step(self, finite: bool, loss: float, norm: float) -> None:
+        if finite:
+            self.bad_steps = 0
+            return
+        if self.scaler is not None and math.isfinite(loss):
+            # fp16 gradients overflowed: the scaler skipped this update and lowered its scale, which is how it
+            # finds a scale that fits (a few such steps at the start are normal). Not counted as a bad step.
+            warnings.warn(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale lowered to "
+                          f"{self.scaler.get_scale():g}", stacklevel=2)
+            return
+        self.bad_steps += 1
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+        warnings.warn(f"step {self.step + 1}: {what}; update skipped ({self.bad_steps} in a row)", stacklevel=2)
+        if self.bad_steps >= self.config.max_bad_steps:
+            where = self._checkpoint_path(self.last_saved_step)
+            kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written"
+            raise TrainingError(f"{self.bad_steps} updates in a row were skipped because {what}; stopping at step "
+                                f"{self.step + 1} ({kept}). Try a lower --lr, --grad_clip 1.0, or --dtype "
+                                "bf16/fp32 instead of fp16")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float16)
+
+    # ------------------------------------------------------------------------------------- eval and saving
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on the validation split (eval_batches batches, spread over all of it)."""
+        cfg = self.config
+        self.raw_model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of token losses, tokens)
+        batches = iter_eval_batches(self.data.tokens("val"), cfg.batch_size, cfg.block_size, cfg.eval_batches)
+        for i, (x, y) in enumerate(batches):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                loss = lm_loss(self.raw_model(x), y)
+            total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=self.device)])
+        if self.dist.enabled:
+            dist.all_reduce(total)
+        self.raw_model.train()
+        return (total[0] / total[1]).item()
+
+    def _evaluate_and_save(self) -> str | None:
+        """Evaluate, checkpoint, and say "early stopping" if patience has run out."""
+        val_loss = self.evaluate()
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_step, self.evals_without_improvement = val_loss, self.step, 0
+        else:
+            self.evals_without_improvement += 1
+        self._write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+        self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}"
+                  f"{' (best)' if improved else f' (best {self.best_val_loss:.4f} at step {self.best_step})'}")
+        self._save()
+        patience = self.config.patience
+        if patience and self.evals_without_improvement >= patience and self.step < self.config.max_steps:
+            self._log(f"early stopping: no better validation loss in {patience} evaluations")
+            return "early stopping"
+        return None
+
+    def _save(self) -> None:
+        """Checkpoint the current step (every process takes part; the main one writes)."""
+        rng = ckpt.rng_state()
+        rngs = [rng]
+        if self.dist.enabled:
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng)  # in-memory exchange between our own processes; files stay pickle-free
+        if self.dist.is_main:
+            state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.dist.world_size,
+                     "optimizer": self.optimizer.state_by_name(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "data": self.loader.state_dict(), "rng": rngs,
+                     "tracker": {"best_val_loss": self.best_val_loss, "best_step": self.best_step,
+                                 "evals_without_improvement": self.evals_without_improvement}}
+            ckpt.save_checkpoint(self.out, self.step, self.raw_model, state)
+            ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints, self._checkpoint_path(self.best_step))
+        self.last_saved_step = self.step
+        self.dist.barrier()
+
+    def _export_best(self) -> Path | None:
+        """Copy the best checkpoint's model files to the output directory itself: `--init <out>` loads it."""
+        best = self._checkpoint_path(self.best_step) or self._checkpoint_path(self.last_saved_step)
+        if best is None or not self.dist.is_main:
+            return self.out if best is not None else None
+        for name in MODEL_FILES:
+            staging = self.out / f".tmp-{name}"
+            shutil.copyfile(best / name, staging)
+            os.replace(staging, self.out / name)
+        return self.out
+
+    def _checkpoint_path(self, step: int | None) -> Path | None:
+        return None if step is None else self.out / ckpt.checkpoint_name(step)
+
+    # ---------------------------------------------------------------------------------------------- files
+    def _start_files(self) -> Path | None:
+        """Create the output directory; set a replaced run aside; write train_config.json; trim metrics.jsonl.
+
+        Returns the folder holding a run replaced by --overwrite: it is deleted once the new run has its first
+        checkpoint, so a new run that fails early leaves the old one recoverable.
+        """
+        set_aside = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.out)
+            old = previous_run(self.out) if self.resume_from is None and self.config.overwrite else []
+            if old:
+                set_aside = self.out / f".replaced-run-{os.getpid()}"
+                set_aside.mkdir()
+                for path in old:
+                    os.replace(path, set_aside / path.name)
+                self._log(f"--overwrite: the previous run in {self.out} was moved to {set_aside.name} and will be "
+                          "deleted after the first checkpoint")
+            (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            self._trim_metrics()
+        self.dist.barrier()
+        return set_aside
+
+    def _trim_metrics(self) -> None:
+        """Keep only the metrics of steps up to the one resumed from (a crashed run may have logged beyond it)."""
+        path = self.out / "metrics.jsonl"
+        if self.step == 0 or not path.exists():
+            path.write_text("")
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with (self.out / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------ interface
+    def _progress_bar(self):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+
+    def _log(self, message: str) -> None:
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+
+    @contextlib.contextmanager
+    def _signals_caught(self):
+        """While training, SIGINT/SIGTERM ask for a clean stop after the current step; a second one quits now."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            self._log(f"\n{self._stop_signal} received: finishing this step and saving a checkpoint "
+                      "(press Ctrl-C again to quit at once)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def close(self) -> None:
+        """Leave the process group, if this run joined one."""
+        if self.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
+    """Plot training and validation loss from metrics.jsonl into `png`; False (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed, so no loss.png (pip install 'minigpt2[plot]')")
+        return False
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,163 @@
+"""AdamW against torch.optim.AdamW, parameter groups against transformers' Trainer, and the lr schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.errors import ConfigError
+from minigpt2.model import lm_loss
+from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
+from minigpt2.schedule import LRSchedule
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64, embd_pdrop=0.0, attn_pdrop=0.0,
+             resid_pdrop=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine a second thread mostly waits for a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**SMALL))
+
+
+def twin_optimizers(chunk_numel, weight_decay=0.1, betas=(0.9, 0.95)):
+    """Two identical models, ours with our AdamW and the other with torch's, on the same param groups."""
+    ours_model, torch_model = small_model(), small_model()
+    ours = AdamW(param_groups(ours_model, weight_decay), lr=2e-3, betas=betas, eps=1e-8, chunk_numel=chunk_numel)
+    reference = torch.optim.AdamW(param_groups(torch_model, weight_decay), lr=2e-3, betas=betas, eps=1e-8)
+    return ours_model, ours, torch_model, reference
+
+
+def set_same_grads(ours_model: GPT, torch_model: GPT, step: int) -> None:
+    """Real gradients (a forward/backward of ours on random tokens), copied to the twin so only the optimizers differ."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, SMALL["vocab_size"], (4, 33), generator=g)
+    ours_model.zero_grad(set_to_none=True)
+    (lm_loss(ours_model(x[:, :-1]), x[:, 1:]) * (1 + step % 5)).backward()  # varying gradient scales
+    for p, q in zip(ours_model.parameters(), torch_model.parameters()):
+        q.grad = p.grad.clone()
+
+
+def max_difference(a: GPT, b: GPT) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("chunk_numel", ["auto", None, 1000])
+def test_adamw_follows_torch_adamw_over_many_steps(chunk_numel):
+    ours_model, ours, torch_model, reference = twin_optimizers(chunk_numel)
+    for step in range(150):
+        lr = 2e-3 * (0.5 + 0.5 * math.cos(step / 40))  # a changing rate, as under a schedule
+        for group in ours.param_groups + reference.param_groups:
+            group["lr"] = lr
+        set_same_grads(ours_model, torch_model, step)
+        ours.step()
+        reference.step()
+        assert max_difference(ours_model, torch_model) < 1e-6, f"step {step}"
+    moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), small_model().parameters()))
+    assert moved > 0.05  # the weights did travel: the comparison is not vacuous
+
+
+def test_fused_clipping_equals_clip_grad_norm_then_adamw():
+    ours_model, ours, torch_model, reference = twin_optimizers("auto")
+    clipped = 0
+    for step in range(60):
+        set_same_grads(ours_model, torch_model, step)
+        factor = clip_factor(grad_norm(ours_model.parameters()).item(), max_norm=0.5)
+        clipped += factor < 1
+        ours.step(grad_scale=factor)
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 0.5)
+        reference.step()
+        assert max_difference(ours_model, torch_model) < 1e-6, f"step {step}"
+    assert clipped > 30
+
+
+def test_grad_norm_and_clip_factor_match_torch():
+    model = small_model()
+    set_same_grads(model, small_model(1), 3)
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert grad_norm(model.parameters()).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert clip_factor(10.0, 1.0) == pytest.approx(1.0 / (10.0 + 1e-6))
+    assert clip_factor(0.5, 1.0) == 1.0
+
+
+def test_param_groups_decay_like_transformers_trainer():
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+    model = small_model()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64))
+    hf_decay = set(Trainer.get_decay_parameter_names(None, hf)) - {"lm_head.weight"}  # tied to wte
+    assert set(decay["names"]) == hf_decay
+    assert set(no_decay["names"]) == {name for name, _ in hf.named_parameters()} - hf_decay
+    # Every parameter exactly once: the tied head is not a second copy of wte.
+    assert sorted(decay["names"] + no_decay["names"]) == sorted(name for name, _ in model.named_parameters())
+    assert "transformer.wte.weight" in decay["names"] and "transformer.ln_f.weight" in no_decay["names"]
+
+
+def test_state_by_name_round_trip():
+    ours_model, ours, torch_model, reference = twin_optimizers("auto")
+    for step in range(3):
+        set_same_grads(ours_model, torch_model, step)
+        ours.step()
+    saved = ours.state_by_name()
+    assert set(saved) == {name for name, _ in ours_model.named_parameters()}
+    assert saved["transformer.wte.weight"]["step"] == 3
+    fresh = AdamW(param_groups(torch_model, 0.1), lr=2e-3, betas=(0.9, 0.95))
+    fresh.load_state_by_name(saved)
+    again = fresh.state_by_name()
+    for name, state in saved.items():
+        assert again[name]["step"] == state["step"]
+        assert torch.equal(again[name]["exp_avg"], state["exp_avg"])
+        assert torch.equal(again[name]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_adamw_rejects_bad_settings():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ConfigError):
+        AdamW(params, lr=-1.0)
+    with pytest.raises(ConfigError):
+        AdamW(params, betas=(0.9, 1.0))
+    with pytest.raises(ConfigError):
+        AdamW(params, chunk_numel=0)
+
+
+def test_cosine_schedule_values():
+    s = LRSchedule(peak=1e-3, max_steps=110, warmup_steps=10, kind="cosine", min_lr=1e-4)
+    assert s(0) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak: the first update already moves
+    assert s(4) == pytest.approx(5e-4)
+    assert s(9) == pytest.approx(1e-3)
+    assert s(10) == pytest.approx(1e-3)  # decay starts from the peak
+    assert s(60) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway: cos(pi / 2) = 0
+    assert s(35) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert s(110) == pytest.approx(1e-4) and s(500) == pytest.approx(1e-4)
+
+
+def test_linear_and_constant_schedules():
+    linear = LRSchedule(peak=2.0, max_steps=12, warmup_steps=2, kind="linear", min_lr=0.0)
+    assert [linear(i) for i in range(13)] == pytest.approx([1.0, 2.0, 2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 0.8, 0.6, 0.4,
+                                                             0.2, 0.0])
+    constant = LRSchedule(peak=3e-4, max_steps=5, warmup_steps=3, kind="constant")
+    assert [constant(i) for i in range(6)] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4, 3e-4, 3e-4])
+    no_warmup = LRSchedule(peak=1.0, max_steps=4, kind="cosine")
+    assert no_warmup(0) == 1.0 and no_warmup(2) == pytest.approx(0.5)
+
+
+def test_schedule_rejects_bad_settings():
+    with pytest.raises(ConfigError):
+        LRSchedule(peak=1e-3, max_steps=10, kind="exponential")
+    with pytest.raises(ConfigError):
+        LRSchedule(peak=1e-3, max_steps=10, min_lr=1e-2)
+    with pytest.raises(ConfigError):
+        LRSchedule(peak=1e-3, max_steps=0)

@@ -1,0 +1,351 @@
+"""The training loop: exact resume, DDP = gradient accumulation, atomic checkpoints, non-finite losses, early
+stopping, signals, and train.py's command line. Models are tiny (2 layers, 64 wide) and runs a few steps long."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minigpt2 import GPT
+from minigpt2 import checkpoint as ckpt
+from minigpt2 import trainer as trainer_module
+from minigpt2.errors import ConfigError
+from minigpt2.train_config import TrainConfig
+from minigpt2.trainer import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (the script at the repository root)
+
+WORDS = ("the list of values returns a new object when called with an optional key argument that names the file "
+         "path and mode raises ValueError if the string is empty otherwise iterate over lines").split()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared dataset of a few thousand GPT-2 tokens (made by the real pipeline from generated text)."""
+    from minigpt2.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(300)]
+    (root / "text.txt").write_text("\n\n".join(documents) + "\n")
+    prepare_dataset(root / "text.txt", root / "prepared", progress=False)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def init_dir(hf_checkpoint) -> Path:
+    """A tiny GPT-2 (2 layers, 64 wide, GPT-2's vocabulary) saved by transformers."""
+    return hf_checkpoint(n_positions=64, initializer_range=0.02)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine a second thread mostly waits for a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(init_dir, prepared, out, **overrides) -> TrainConfig:
+    settings = dict(init=str(init_dir), data=str(prepared), out=str(out), max_steps=8, batch_size=4, block_size=32,
+                    grad_accum=2, lr=3e-3, warmup_steps=2, eval_interval=4, eval_batches=2, dtype="fp32",
+                    device="cpu", progress=False, samples=0, log_interval=1, dropout=0.1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_resume_is_bit_exact(init_dir, prepared, tmp_path):
+    straight = Trainer(config(init_dir, prepared, tmp_path / "a")).train()
+    assert straight.stopped_by is None and straight.step == 8
+
+    first = Trainer(config(init_dir, prepared, tmp_path / "b")).train(stop_after=3)
+    assert first.stopped_by == "stop_after" and first.last_checkpoint.name == "checkpoint-0000003"
+    resumed = Trainer(config(init_dir, prepared, tmp_path / "b", resume="auto")).train()
+    assert resumed.step == 8
+
+    a, b = tmp_path / "a" / "checkpoint-0000008", tmp_path / "b" / "checkpoint-0000008"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    state_a, state_b = ckpt.load_training_state(a), ckpt.load_training_state(b)
+    for name, moments in state_a["optimizer"].items():
+        assert torch.equal(moments["exp_avg_sq"], state_b["optimizer"][name]["exp_avg_sq"]), name
+    assert torch.equal(state_a["rng"][0]["torch"], state_b["rng"][0]["torch"])
+    assert state_a["data"] == state_b["data"]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 8
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(init_dir, prepared, tmp_path):
+    # A small lr: Adam divides each gradient by its own running size, so where a gradient is rounding noise (the
+    # key bias's is zero in exact arithmetic) the two summation orders give updates that differ by up to lr.
+    common = dict(max_steps=4, eval_interval=0, dropout=0.0, batch_size=4, lr=1e-4)
+    single = Trainer(config(init_dir, prepared, tmp_path / "one", grad_accum=2, **common)).train()
+    flags = ["--init", init_dir, "--data", prepared, "--out", tmp_path / "two", "--grad_accum", 1,
+             "--max_steps", 4, "--eval_interval", 0, "--dropout", 0.0, "--batch_size", 4, "--block_size", 32,
+             "--lr", 1e-4, "--warmup_steps", 2, "--eval_batches", 2, "--dtype", "fp32", "--device", "cpu",
+             "--progress", "false", "--samples", 0, "--log_interval", 1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), *map(str, flags)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = weights(single.last_checkpoint), weights(tmp_path / "two" / "checkpoint-0000004")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=1e-6), name
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
+    start = load_file(init_dir / "model.safetensors")  # the same layout as our checkpoints
+    moved = max((ours[n] - start[n]).abs().max().item() for n in ours if n in start)
+    assert moved > 1e-4  # training happened: the comparison is not vacuous
+
+
+def test_save_is_atomic(init_dir, prepared, tmp_path, monkeypatch):
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=1))
+    trainer.train(stop_after=1)
+    good = tmp_path / "checkpoint-0000001"
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def failing_save_file(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # the temporary copy was removed
+
+
+def test_kill_while_saving_leaves_previous_checkpoint(init_dir, tmp_path):
+    """A process killed in the middle of writing (os._exit: no cleanup at all) cannot damage the last checkpoint."""
+    model = GPT.from_pretrained(init_dir)
+    previous = ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1})
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from minigpt2 import GPT, checkpoint as ckpt
+def die(*args, **kwargs):
+    os._exit(9)
+ckpt.save_file = die
+ckpt.save_checkpoint({str(tmp_path)!r}, 2, GPT.from_pretrained({str(init_dir)!r}), {{"step": 2}})
+"""
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-checkpoint-0000002")]  # debris left
+    assert ckpt.latest_checkpoint(tmp_path) == previous
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000001"]
+
+
+def test_state_encoding_round_trip_without_pickles():
+    import numpy as np
+
+    state = {"a": [1, 2.5, None, "x", True], "t": torch.arange(6).view(2, 3), "rng": ckpt.rng_state(),
+             "n": {"u32": np.arange(5, dtype=np.uint32), "f": np.float64(0.25)}}
+    json_part, tensors = ckpt.encode_state(state)
+    json.dumps(json_part)  # JSON-serialisable
+    back = ckpt.decode_state(json.loads(json.dumps(json_part)), tensors)
+    assert torch.equal(back["t"], state["t"]) and back["a"] == state["a"]
+    assert back["n"]["u32"].dtype == np.uint32 and back["n"]["u32"].tolist() == [0, 1, 2, 3, 4]
+    ckpt.set_rng_state(back["rng"])
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+
+
+def test_nonfinite_loss_skips_then_stops(init_dir, prepared, tmp_path, monkeypatch):
+    real_loss = trainer_module.lm_loss
+    bad_calls = set(range(6, 8)) | set(range(12, 100))  # micro-batches: step 4 is bad, then steps 7 onwards
+
+    def sometimes_nan(logits, targets):
+        call = sometimes_nan.calls
+        sometimes_nan.calls += 1
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if call in bad_calls else loss
+
+    sometimes_nan.calls = 0
+    monkeypatch.setattr(trainer_module, "lm_loss", sometimes_nan)
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=20, eval_interval=5, max_bad_steps=3))
+    monkeypatch.setattr(trainer, "evaluate", lambda: 1.0)  # evaluation calls lm_loss too; keep it out of the count
+    with pytest.warns(UserWarning, match="update skipped") as caught:
+        with pytest.raises(TrainingError, match="3 updates in a row were skipped.*checkpoint-0000005"):
+            trainer.train()
+    assert len(caught) == 4  # step 4 once, then steps 7, 8, 9
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-0000005"  # the last good checkpoint stays
+    assert trainer.step == 8
+
+
+def test_skipped_update_leaves_weights_unchanged(init_dir, prepared, tmp_path, monkeypatch):
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, grad_accum=1, eval_interval=0))
+    trainer.train(stop_after=1)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    monkeypatch.setattr(trainer_module, "lm_loss", lambda logits, targets: logits.sum() * float("inf"))
+    with pytest.warns(UserWarning, match="loss is -?(nan|inf)"):
+        trainer.train(stop_after=2)
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_early_stopping_keeps_best_and_last(init_dir, prepared, tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=20, eval_interval=2, patience=2,
+                             keep_checkpoints=1))
+    monkeypatch.setattr(trainer, "evaluate", lambda: next(scripted))
+    result = trainer.train()
+    assert result.stopped_by == "early stopping" and result.step == 8
+    assert result.best_val_loss == 2.0 and result.best_checkpoint.name == "checkpoint-0000004"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000004", "checkpoint-0000008"]
+    # The final model in --out is the best one.
+    assert (tmp_path / "model.safetensors").read_bytes() == (result.best_checkpoint / "model.safetensors").read_bytes()
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert [e["val_loss"] for e in evals] == [3.0, 2.0, 2.5, 2.6]
+
+
+def test_checkpoint_loads_in_transformers_with_equal_logits(init_dir, prepared, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    result = Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=2)).train()
+    theirs = GPT2LMHeadModel.from_pretrained(result.last_checkpoint).eval()
+    ours = GPT.from_pretrained(result.last_checkpoint).eval()
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x).logits, atol=1e-5)
+
+
+def test_gradient_checkpointing_and_bf16_train(init_dir, prepared, tmp_path):
+    plain = Trainer(config(init_dir, prepared, tmp_path / "a", max_steps=2, eval_interval=0, dropout=0.0)).train()
+    recomputed = Trainer(config(init_dir, prepared, tmp_path / "b", max_steps=2, eval_interval=0, dropout=0.0,
+                                gradient_checkpointing=True)).train()
+    a, b = weights(plain.last_checkpoint), weights(recomputed.last_checkpoint)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    bf16 = Trainer(config(init_dir, prepared, tmp_path / "c", max_steps=2, eval_interval=2, dtype="bf16")).train()
+    assert bf16.best_val_loss is not None and bf16.best_val_loss < 20
+
+
+def test_fp16_on_cpu_and_auto_dtype():
+    device = torch.device("cpu")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        trainer_module.resolve_dtype("fp16", device)
+    assert trainer_module.resolve_dtype("auto", device) in ("fp32", "bf16")
+
+
+def test_overwrite_replaces_a_run_only_after_its_first_checkpoint(init_dir, prepared, tmp_path):
+    Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=2)).train()
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        Trainer(config(init_dir, prepared, tmp_path, max_steps=2))
+    result = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, eval_interval=3, overwrite=True)).train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000003"] and result.step == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-run")]
+
+
+def test_toml_config_and_flags(init_dir, prepared, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'init = "{init_dir}"\nmax-steps = 7\nlr = 1\neval_batches = "none"\n')
+    cfg = train.parse_config(["--config", str(toml), "--max_steps", "9", "--block-size", "16"])
+    assert (cfg.init, cfg.max_steps, cfg.block_size, cfg.lr, cfg.eval_batches) == (str(init_dir), 9, 16, 1.0, None)
+    toml.write_text("lr = 'fast'\n")
+    with pytest.raises(ConfigError, match="lr must be float"):
+        train.parse_config(["--config", str(toml)])
+
+
+def run_cli(*flags, cwd=ROOT, env=None, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, flags)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared, tmp_path):
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2)).train()
+    before = tree(out)
+    good = ["--init", init_dir, "--data", prepared, "--out", out, "--block_size", 32, "--device", "cpu"]
+    cases = {
+        "unknown flag": [*good, "--bogus", 1],
+        "bad value": [*good, "--max_steps", "ten"],
+        "invalid value": [*good, "--lr", -1],
+        "bad choice": [*good, "--dtype", "fp8"],
+        "missing data": ["--init", init_dir, "--data", tmp_path / "nowhere", "--out", tmp_path / "new", "--block_size", 32],
+        "existing run": good,
+        "missing config file": [*good, "--config", tmp_path / "nope.toml"],
+    }
+    errors = {}
+    for what, flags in cases.items():
+        done = run_cli(*flags)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (what, done.stderr)
+        assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in done.stderr, (what, done.stderr)
+        errors[what] = lines[0]
+    assert "already holds a training run" in errors["existing run"] and "--resume" in errors["existing run"]
+    assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
+    assert tree(out) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_hub_unreachable_names_the_offline_options(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    done = run_cli("--init", "gpt2", "--out", tmp_path / "out", env=env)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "cannot be reached" in line and "--init scratch" in line and "--init DIR" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ctrl_c_saves_and_says_how_to_resume(init_dir, prepared, tmp_path):
+    out = tmp_path / "run"
+    common = ["--device", "cpu", "--progress", "false", "--samples", 0]
+    flags = ["--init", init_dir, "--data", prepared, "--out", out, "--max_steps", 100000, "--batch_size", 2,
+             "--block_size", 32, "--eval_interval", 0, "--log_interval", 1, *common]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Resume with: python train.py" in stdout and "--resume auto" in stdout
+    checkpoint = ckpt.latest_checkpoint(out)
+    assert checkpoint is not None
+    step = int(checkpoint.name.removeprefix(ckpt.PREFIX))
+    resumed = run_cli("--out", out, "--resume", "auto", "--max_steps", step + 1, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+
+
+def test_cli_scratch_run_end_to_end(prepared, tmp_path):
+    out = tmp_path / "scratch"
+    done = run_cli("--init", "scratch", "--data", prepared, "--out", out, "--max_steps", 4, "--batch_size", 2,
+                   "--block_size", 32, "--eval_interval", 2, "--samples", 1, "--sample_tokens", 5, "--device", "cpu",
+                   "--progress", "false", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--- sample" in done.stdout and f"the model is in {out}" in done.stdout
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["init"] == "scratch" and saved["max_steps"] == 4
+    assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
+    assert (out / "loss.png").exists() or "matplotlib is not installed" in done.stdout
+    GPT.from_pretrained(out)  # the final model loads like any checkpoint

@@ -1,0 +1,105 @@
+"""Train or fine-tune GPT-2: flags in, checkpoints, metrics, a loss curve and a few samples out.
+
+    python train.py                                   fine-tune gpt2 on the bundled Python-docs corpus (minutes)
+    python train.py --init scratch                    train a tiny GPT-2 from random weights; works offline
+    python train.py --init out/pydocs-gpt2 --data notes.txt --out out/notes
+    python train.py --config run.toml --max_steps 500 --dtype bf16
+    python train.py --out out/pydocs-gpt2 --resume auto           continue an interrupted run
+    torchrun --nproc_per_node 4 train.py --init gpt2-medium ...   data-parallel on 4 GPUs (or CPU processes)
+
+Every setting is a field of `minigpt2.train_config.TrainConfig` and a flag of the same name (`--max_steps` or
+`--max-steps`); `--config FILE.toml` sets fields from a file and flags win over it. On --resume, the settings saved
+with the checkpoint are the defaults, so `--resume auto` alone continues the run as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from minigpt2.cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, run_main
+from minigpt2.train_config import TrainConfig, load_toml
+
+PROMPTS = ("def read_lines(path):", '"""Return the number of', "class Stack:")
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def parse_config(argv: Sequence[str] | None) -> TrainConfig:
+    """The resolved TrainConfig: defaults < saved settings of the run resumed < --config file < flags."""
+    from minigpt2.checkpoint import read_saved_config
+    from minigpt2.trainer import find_resume_checkpoint
+
+    parser = make_parser("train.py", description="Train or fine-tune GPT-2 (see the module docstring).")
+    add_flag(parser, "config", metavar="FILE.toml", help="read settings from a TOML file; flags win over it")
+    add_dataclass_flags(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    from_file = load_toml(args.config) if args.config else {}
+    config = dataclass_from_flags(TrainConfig, args, from_file)
+    resumed = find_resume_checkpoint(config.resume, Path(config.out))
+    if resumed is not None:
+        saved = {k: v for k, v in read_saved_config(resumed).items() if k not in ("resume", "overwrite")}
+        config = dataclass_from_flags(TrainConfig, args, {**saved, **from_file})
+    return config
+
+
+def print_samples(model, config: TrainConfig) -> None:
+    """A few sampled continuations of PROMPTS from the trained model."""
+    import torch
+
+    from minigpt2 import Tokenizer
+
+    tokenizer = Tokenizer()
+    torch.manual_seed(config.seed)
+    model.eval()
+    device = next(model.parameters()).device
+    for prompt in PROMPTS[:config.samples]:
+        input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        output = model.generate(input_ids, max_new_tokens=config.sample_tokens, do_sample=True, top_k=50,
+                                temperature=0.8)
+        print(f"--- sample: {prompt!r}\n{tokenizer.decode(output[0].tolist())}\n")
+
+
+def after_training(config: TrainConfig, result) -> None:
+    """Hook point for end-of-run extras (the before/after evaluation report is wired in here)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"settings (saved to {Path(config.out) / 'train_config.json'}):\n{config.describe()}", flush=True)
+
+    from minigpt2 import GPT
+    from minigpt2.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if not main_process:
+        return 0
+    if result.stopped_by in EXIT_CODES:
+        given = list(sys.argv[1:] if argv is None else argv)
+        if "--resume" not in given:
+            given += ["--resume", "auto"]
+        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.last_checkpoint}."
+              f"\nResume with: python train.py {shlex.join(given)}", flush=True)
+        return EXIT_CODES[result.stopped_by]
+    best = (f"best validation loss {result.best_val_loss:.4f} at {result.best_checkpoint}"
+            if result.best_val_loss is not None else "no evaluation")
+    print(f"\ndone: {result.step} steps{f' ({result.stopped_by})' if result.stopped_by else ''}; {best}")
+    if result.model_dir is not None:
+        if config.samples:
+            print_samples(GPT.from_pretrained(result.model_dir).to(trainer.device), config)
+        print(f"the model is in {result.model_dir} (metrics.jsonl, loss.png and checkpoints beside it); try:\n"
+              f"  python sample.py --model {shlex.quote(str(result.model_dir))} --prompt {shlex.quote(PROMPTS[0])}")
+    after_training(config, result)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
