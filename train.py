@@ -62,8 +62,25 @@ def print_samples(model, config: TrainConfig) -> None:
         print(f"--- sample: {prompt!r}\n{tokenizer.decode(output[0].tolist())}\n")
 
 
-def after_training(config: TrainConfig, result) -> None:
-    """Hook point for end-of-run extras (the before/after evaluation report is wired in here)."""
+def write_before_after_report(config: TrainConfig, trainer, result) -> None:
+    """report.html/.md in the output directory: the starting model vs the trained one on the validation split."""
+    from minigpt2 import GPT, GPTConfig
+    from minigpt2.report import write_report
+
+    if config.init == "scratch":
+        base = GPT(GPTConfig.from_preset(config.model_preset))  # "before" = untrained, random weights
+        base_name = f"untrained {config.model_preset}"
+    else:
+        base, base_name = GPT.from_pretrained(config.init), config.init
+    val = trainer.data.tokens("val")
+    if config.report_tokens:
+        val = val[:config.report_tokens]
+    print("writing the before/after report (perplexity and samples of both models)...", flush=True)
+    html, md = write_report(base.to(trainer.device), GPT.from_pretrained(result.model_dir).to(trainer.device), val,
+                            result.out_dir, base_name=base_name, finetuned_name=str(result.model_dir),
+                            num_prompts=3, max_new_tokens=config.sample_tokens, seed=config.seed,
+                            progress=config.progress)
+    print(f"report: {html} (and {md.name})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_samples(GPT.from_pretrained(result.model_dir).to(trainer.device), config)
         print(f"the model is in {result.model_dir} (metrics.jsonl, loss.png and checkpoints beside it); try:\n"
               f"  python sample.py --model {shlex.quote(str(result.model_dir))} --prompt {shlex.quote(PROMPTS[0])}")
-    after_training(config, result)
+    if result.model_dir is not None and config.report:
+        write_before_after_report(config, trainer, result)
     return 0
 
 

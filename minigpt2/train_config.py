@@ -87,6 +87,10 @@ class TrainConfig:
     # After training (train.py).
     samples: int = field(default=3, metadata={"help": "samples printed when training ends (0: none)"})
     sample_tokens: int = field(default=60, metadata={"help": "new tokens per sample"})
+    report: bool = field(default=True, metadata={"help": "write report.html/.md at the end: the starting and the "
+                                                         "trained model's perplexity and samples side by side"})
+    report_tokens: int = field(default=8192, metadata={"help": "validation tokens scored for the report's "
+                                                               "perplexities (0: the whole split)"})
 
     def __post_init__(self) -> None:
         self._check_types()

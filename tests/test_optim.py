@@ -17,13 +17,7 @@ SMALL = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64, emb
              resid_pdrop=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread mostly waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0) -> GPT:

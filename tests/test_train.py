@@ -50,13 +50,7 @@ def init_dir(hf_checkpoint) -> Path:
     return hf_checkpoint(n_positions=64, initializer_range=0.02)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread mostly waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(init_dir, prepared, out, **overrides) -> TrainConfig:
