@@ -64,11 +64,14 @@ def print_samples(model, config: TrainConfig) -> None:
 
 def write_before_after_report(config: TrainConfig, trainer, result) -> None:
     """report.html/.md in the output directory: the starting model vs the trained one on the validation split."""
+    import torch
+
     from minigpt2 import GPT, GPTConfig
     from minigpt2.report import write_report
 
     if config.init == "scratch":
-        base = GPT(GPTConfig.from_preset(config.model_preset))  # "before" = untrained, random weights
+        torch.manual_seed(config.seed)  # the very weights the run started from, as the trainer seeds them
+        base = GPT(GPTConfig.from_preset(config.model_preset))
         base_name = f"untrained {config.model_preset}"
     else:
         base, base_name = GPT.from_pretrained(config.init), config.init

@@ -23,7 +23,7 @@ single sequence into text as they come, holding back what might be the start of 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +79,9 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     just before the first stop string; the end-of-sequence token is not shown.
     """
     tokenizer = tokenizer or Tokenizer()
-    input_ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
-    run = _prepare(model, input_ids, None, generation_config, settings, tokenizer)
+    if isinstance(prompt, str):
+        prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
     _fast_weight_layout(model)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
@@ -98,7 +99,7 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
 class TextStream:
     """Tokens in, printable text out: whole characters only, never a piece of text a stop string might claim."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_ids: list[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str], skip_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.skip_ids = set(skip_ids)
@@ -280,7 +281,7 @@ def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
 def _prefill(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Run the model over `ids` (rows, T) into `cache`; the next-token logits (rows, vocab) in fp32."""
-    return model(ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1].float()
+    return model.head(model.hidden_states(ids, attention_mask=mask, kv_cache=cache)[:, -1]).float()
 
 
 def _first_logits(run: _Run) -> tuple[KVCache, torch.Tensor, int]:
@@ -387,7 +388,8 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
     while True:
         vocab = logits.shape[-1]
         logprobs = F.log_softmax(logits, dim=-1)
-        logprobs = apply_processors(run.processors, running[:, :, :length].reshape(B * beams, length), logprobs)
+        if run.processors:
+            logprobs = apply_processors(run.processors, running[:, :, :length].reshape(B * beams, length), logprobs)
         totals = (logprobs.view(B, beams, vocab) + running_scores[:, :, None]).view(B, beams * vocab)
         if config.do_sample:
             flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
@@ -395,7 +397,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         else:
             cand_scores, flat = torch.topk(totals, candidates)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
-        cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len)).clone()
+        cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len))  # (B, candidates, max_len), a copy
         cand[:, :, length] = tokens
         ended = run.finished(cand[:, :, :length + 1].reshape(B * candidates, -1)).view(B, candidates)
         if length + 1 == max_len:

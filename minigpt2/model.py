@@ -182,17 +182,28 @@ class GPT(nn.Module):
         return n
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for `input_ids` (B, T).
 
         attention_mask: (B, T_past + T) of 1 for real tokens and 0 for (left) padding, covering cached positions
             too; position ids then count real tokens only, so a left-padded prompt sees the same positions as alone.
         position_ids: (B, T) explicit positions, overriding the above.
         kv_cache: when given, keys/values of earlier calls are reused and this call's are appended.
-        last_only: return (B, 1, vocab_size), the last position's logits only: all that generation needs, and it
-            skips the largest matmul (the head) for the other positions.
         """
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    kv_cache=kv_cache)
+        return self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm, then the tied projection onto the vocabulary: (..., C) -> (..., vocab_size).
+
+        Generation applies it to the last position only, skipping the largest matmul for the others.
+        """
+        return self.lm_head(self.transformer.ln_f(hidden))
+
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after the last block, (B, T, C); `forward` without the head (same arguments)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.n_positions:
@@ -216,9 +227,7 @@ class GPT(nn.Module):
                 x = block(x, mask, key_padding, attn_impl, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, C) -> (B, T, vocab_size)
+        return x
 
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
