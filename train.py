@@ -57,7 +57,8 @@ def print_samples(model, config: TrainConfig) -> None:
     device = next(model.parameters()).device
     for prompt in PROMPTS[:config.samples]:
         input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        output = model.generate(input_ids, max_new_tokens=config.sample_tokens, do_sample=True, top_k=50,
+        room = model.config.n_positions - input_ids.shape[1]
+        output = model.generate(input_ids, max_new_tokens=min(config.sample_tokens, room), do_sample=True, top_k=50,
                                 temperature=0.8)
         print(f"--- sample: {prompt!r}\n{tokenizer.decode(output[0].tolist())}\n")
 
@@ -78,10 +79,14 @@ def write_before_after_report(config: TrainConfig, trainer, result) -> None:
     val = trainer.data.tokens("val")
     if config.report_tokens:
         val = val[:config.report_tokens]
+    # Prompt and continuation must fit the context together, also for the small models of quick runs.
+    context = base.config.n_positions
+    prompt_tokens = min(24, context // 4)
     print("writing the before/after report (perplexity and samples of both models)...", flush=True)
     html, md = write_report(base.to(trainer.device), GPT.from_pretrained(result.model_dir).to(trainer.device), val,
                             result.out_dir, base_name=base_name, finetuned_name=str(result.model_dir),
-                            num_prompts=3, max_new_tokens=config.sample_tokens, seed=config.seed,
+                            num_prompts=3, prompt_tokens=prompt_tokens,
+                            max_new_tokens=min(config.sample_tokens, context - prompt_tokens), seed=config.seed,
                             progress=config.progress)
     print(f"report: {html} (and {md.name})")
 
