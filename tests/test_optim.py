@@ -62,6 +62,29 @@ def test_adamw_follows_torch_adamw_over_many_steps(chunk_numel):
     assert moved > 0.05  # the weights did travel: the comparison is not vacuous
 
 
+def test_result_is_independent_of_threads_and_memory_layout():
+    """Waves, worker threads and non-contiguous (input-major) weights change the schedule of the work, not a bit of
+    the result."""
+    models, optimizers = [], []
+    for threads, chunk_numel, input_major in ((1, "auto", False), (3, 5000, False), (2, 5000, True)):
+        model = small_model()
+        if input_major:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.weight is not model.lm_head.weight:
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        models.append(model)
+        optimizers.append(AdamW(param_groups(model, 0.1), lr=2e-3, chunk_numel=chunk_numel, threads=threads))
+    for step in range(5):
+        set_same_grads(models[0], models[1], step)
+        for model, optimizer in zip(models, optimizers):
+            for p, q in zip(models[0].parameters(), model.parameters()):
+                q.grad = torch.empty_like(q).copy_(p.grad)  # same values, in q's memory layout
+            optimizer.step(grad_scale=0.7)
+    for other in models[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), other.parameters()))
+    assert not models[2].transformer.h[0].mlp.c_fc.weight.is_contiguous()
+
+
 def test_fused_clipping_equals_clip_grad_norm_then_adamw():
     ours_model, ours, torch_model, reference = twin_optimizers("auto")
     clipped = 0
