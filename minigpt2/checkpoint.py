@@ -71,12 +71,19 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> None:
-    """Delete half-written checkpoints left behind by a run that was killed while saving."""
+    """Clean up after a run killed while saving: delete half-written checkpoints (.tmp-*), and put back a replaced
+    one (.old-*) whose replacement never arrived."""
     out = Path(out_dir)
-    if out.is_dir():
-        for path in out.iterdir():
-            if path.is_dir() and path.name.startswith(_TEMP_PREFIXES) and path.name[5:].startswith(PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if not (path.is_dir() and path.name.startswith(_TEMP_PREFIXES) and path.name[5:].startswith(PREFIX)):
+            continue
+        original = out / path.name[5:].rsplit("-", 1)[0]
+        if path.name.startswith(".old-") and not original.exists():
+            os.replace(path, original)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(out_dir: str | os.PathLike[str], step: int, model: torch.nn.Module,

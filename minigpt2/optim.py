@@ -26,16 +26,17 @@ is, a step sweeps each 124M-element array through DRAM several times over. Here,
   next wave is touched, so each array crosses the memory bus about once per step. Each operation is one
   multi-tensor (`torch._foreach_*`) call over the wave's pieces: small tensors share calls, and there is no
   per-parameter Python loop.
-- Threads. Waves are shared among `threads` worker threads, each with its own cache and scratch buffer, much as a
-  fused C++ kernel splits its loop. Pieces are no larger than ATen's parallel grain, so every operation runs in
+- Threads. Waves are shared among `threads` worker threads, each working in its own core's cache, much as a fused
+  C++ kernel splits its loop. Pieces are no larger than ATen's parallel grain, so every operation runs in
   the thread that called it: the threads never wait for each other until the step ends. (Splitting each small
   operation across torch's thread pool instead costs a synchronisation per operation, thousands per step, which on
   a busy machine is slower than torch's default; see docs/benchmarks.md.)
 
-Measured on a 2-core CPU: 1.5x faster than torch's default CPU AdamW on a quiet machine, 2.4x on a busy one
-(torch's `fused=True` C++ kernel, one compiled pass, is faster still; it is not written here). Every element goes through the same operations whatever the wave and
-thread layout, so results do not depend on the number of threads. On a GPU the whole group is one wave: there
-foreach calls are fused multi-tensor kernels, and launch overhead, not cache, is what matters.
+Measured on a 2-core CPU: 1.5x faster than torch's default CPU AdamW on a quiet machine, 1.8x on a busy one
+(torch's `fused=True` C++ kernel, one compiled pass, is faster still; it is not written here). Every element goes
+through the same operations whatever the wave and thread layout, so results do not depend on the number of threads.
+On a GPU the whole group is one wave: there foreach calls are fused multi-tensor kernels, and launch overhead, not
+cache, is what matters.
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ class AdamW(torch.optim.Optimizer):
             raise ConfigError(f"chunk_numel must be 'auto', None or a positive int, got {chunk_numel!r}")
         self.chunk_numel = chunk_numel
         self.threads = threads
-        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -148,12 +148,12 @@ class AdamW(torch.optim.Optimizer):
         for group in arrays:
             (flat if wave_numel is not None and _flattenable(group) else rest).append(group)
         if rest:  # whole tensors, one multi-tensor call per operation
-            _apply(hyper, *(list(column) for column in zip(*rest)), scratch=None)
+            _apply(hyper, *(list(column) for column in zip(*rest)))
         if not flat:
             return
         waves = list(_waves(flat, wave_numel))
         workers = max(1, min(self.threads or torch.get_num_threads(), len(waves)))
-        jobs = [(waves[i::workers], hyper, self._scratch(i, wave_numel, params[0])) for i in range(workers)]
+        jobs = [(waves[i::workers], hyper) for i in range(workers)]
         if workers == 1:
             _run(*jobs[0])
         else:
@@ -166,13 +166,6 @@ class AdamW(torch.optim.Optimizer):
         if self.chunk_numel == "auto":
             return CPU_WAVE_NUMEL if example.device.type == "cpu" else None
         return self.chunk_numel
-
-    def _scratch(self, worker: int, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """Worker `worker`'s reusable buffer for sqrt(v): a fresh one per wave would page-fault on every step."""
-        key = (worker, like.device, like.dtype)
-        if key not in self._scratch_buffers or self._scratch_buffers[key].numel() != numel:
-            self._scratch_buffers[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
-        return self._scratch_buffers[key]
 
     def state_by_name(self) -> dict[str, dict]:
         """{parameter name: {"step", "exp_avg", "exp_avg_sq"}} for parameters that have state.
@@ -219,7 +212,7 @@ class _Hyper:
 
 
 def _apply(h: _Hyper, ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor],
-           vs: list[torch.Tensor], scratch: list[torch.Tensor] | None) -> None:
+           vs: list[torch.Tensor]) -> None:
     """The AdamW update of the module docstring on lists of tensors (pieces of parameters, or whole ones)."""
     if h.decay != 1.0:
         torch._foreach_mul_(ps, h.decay)
@@ -230,25 +223,16 @@ def _apply(h: _Hyper, ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[t
         torch._foreach_add_(ms, gs, alpha=(1 - h.beta1) * h.scale)
     torch._foreach_mul_(vs, h.beta2)
     torch._foreach_addcmul_(vs, gs, gs, (1 - h.beta2) * h.scale * h.scale)
-    if scratch is None:
-        denom = torch._foreach_sqrt(vs)
-    else:
-        denom = scratch
-        torch._foreach_copy_(denom, vs)
-        torch._foreach_sqrt_(denom)
+    denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, h.eps)
     torch._foreach_addcdiv_(ps, ms, denom, -h.step_size)
 
 
 @torch.no_grad()  # grad mode is per thread: a worker thread starts with it on
-def _run(waves: list[list[tuple[torch.Tensor, ...]]], h: _Hyper, scratch: torch.Tensor) -> None:
-    """One worker's share: its waves, one after the other, with its own scratch buffer."""
+def _run(waves: list[list[tuple[torch.Tensor, ...]]], h: _Hyper) -> None:
+    """One worker's share: its waves, one after the other."""
     for wave in waves:
-        offsets = [0]
-        for piece in wave:
-            offsets.append(offsets[-1] + piece[0].numel())
-        ps, gs, ms, vs = (list(column) for column in zip(*wave))
-        _apply(h, ps, gs, ms, vs, [scratch[a:b] for a, b in zip(offsets, offsets[1:])])
+        _apply(h, *(list(column) for column in zip(*wave)))
 
 
 def _flattenable(group: tuple[torch.Tensor, ...]) -> bool:

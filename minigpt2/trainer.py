@@ -63,7 +63,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 # `python data/prepare.py` puts it too), else in ./data/pydocs.
 DEFAULT_CORPUS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "pydocs"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png", "config.json", "model.safetensors",
-             "generation_config.json")
+             "generation_config.json", "report.html", "report.md")
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
 
 
@@ -224,7 +224,7 @@ class Trainer:
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.schedule = LRSchedule(config.lr, config.max_steps, config.warmup_steps, config.lr_schedule,
                                    config.lr * config.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
         self.loader = BatchLoader(self.data.tokens("train"), config.batch_size * config.grad_accum,
                                   config.block_size, mode=config.data_mode, seed=config.seed,
                                   rank=self.dist.rank, world_size=self.dist.world_size)
@@ -235,6 +235,7 @@ class Trainer:
         self.bad_steps = 0
         self.last_saved_step: int | None = None
         self._stop_signal: str | None = None
+        self._files_started = False
         if state is not None:
             self._restore(state)
 
@@ -303,7 +304,7 @@ class Trainer:
         if not cfg.compile and not self.dist.enabled:
             # The token embedding's gradient as sparse rows: the tied head already produces a dense gradient for
             # the same matrix, and adding the few rows a batch touched into it is far cheaper than building a second
-            # dense vocab x n_embd gradient and adding that (about 5% of a CPU step for gpt2). compile and DDP's
+            # dense vocab x n_embd gradient and adding that (about 3% of a CPU step for gpt2). compile and DDP's
             # gradient buckets want dense gradients, so they keep the plain path.
             model.transformer.wte.sparse = True
         if self.dist.enabled:
@@ -519,10 +520,13 @@ class Trainer:
         best = self._checkpoint_path(self.best_step) or self._checkpoint_path(self.last_saved_step)
         if best is None or not self.dist.is_main:
             return self.out if best is not None else None
-        for name in MODEL_FILES:
+        for name in MODEL_FILES:  # each file copied beside its target, then renamed over it: never half-written
             staging = self.out / f".tmp-{name}"
-            shutil.copyfile(best / name, staging)
-            os.replace(staging, self.out / name)
+            try:
+                shutil.copyfile(best / name, staging)
+                os.replace(staging, self.out / name)
+            finally:
+                staging.unlink(missing_ok=True)
         return self.out
 
     def _checkpoint_path(self, step: int | None) -> Path | None:
@@ -539,7 +543,8 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.out)
-            old = previous_run(self.out) if self.resume_from is None and self.config.overwrite else []
+            replacing = self.config.overwrite and self.resume_from is None and not self._files_started
+            old = previous_run(self.out) if replacing else []
             if old:
                 set_aside = self.out / f".replaced-run-{os.getpid()}"
                 set_aside.mkdir()
@@ -549,6 +554,7 @@ class Trainer:
                           "deleted after the first checkpoint")
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self._trim_metrics()
+        self._files_started = True  # a second train() call continues this run's files
         self.dist.barrier()
         return set_aside
 

@@ -34,7 +34,7 @@ def twin_optimizers(chunk_numel, weight_decay=0.1, betas=(0.9, 0.95)):
 
 
 def set_same_grads(ours_model: GPT, torch_model: GPT, step: int) -> None:
-    """Real gradients (a forward/backward of ours on random tokens), copied to the twin so only the optimizers differ."""
+    """Real gradients (forward/backward of ours on random tokens), copied to the twin: only the optimizers differ."""
     g = torch.Generator().manual_seed(step)
     x = torch.randint(0, SMALL["vocab_size"], (4, 33), generator=g)
     ours_model.zero_grad(set_to_none=True)

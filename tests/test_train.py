@@ -236,6 +236,20 @@ def test_gradient_checkpointing_and_bf16_train(init_dir, prepared, tmp_path):
     assert bf16.best_val_loss is not None and bf16.best_val_loss < 20
 
 
+def test_fp16_loss_scaler_skips_overflows_without_stopping(init_dir, prepared, tmp_path, monkeypatch):
+    """fp16 needs a GPU in real runs; forced onto the CPU here, the same code path runs with a real loss scaler."""
+    monkeypatch.setattr(trainer_module, "resolve_dtype", lambda name, device: "fp16")
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=12, eval_interval=0, max_bad_steps=2))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # too large: fp16 gradients overflow at first
+    start = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    with pytest.warns(UserWarning, match="fp16 gradients overflowed") as caught:
+        trainer.train_step()
+    assert all(torch.equal(start[k], v) for k, v in trainer.raw_model.state_dict().items())  # update skipped
+    result = trainer.train()  # more overflows than max_bad_steps: the scaler's business, not a reason to stop
+    assert result.step == 12 and trainer.scaler.get_scale() < 2.0**24 and trainer.bad_steps == 0
+    assert not all(torch.equal(start[k], v) for k, v in trainer.raw_model.state_dict().items())  # then it trained
+
+
 def test_fp16_on_cpu_and_auto_dtype():
     device = torch.device("cpu")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
@@ -247,7 +261,10 @@ def test_overwrite_replaces_a_run_only_after_its_first_checkpoint(init_dir, prep
     Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=2)).train()
     with pytest.raises(ConfigError, match="already holds a training run"):
         Trainer(config(init_dir, prepared, tmp_path, max_steps=2))
-    result = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, eval_interval=3, overwrite=True)).train()
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, eval_interval=3, overwrite=True))
+    trainer.train(stop_after=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000001"]  # the old run is gone
+    result = trainer.train()  # a second call continues the new run: nothing of it is set aside
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000003"] and result.step == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-run")]
 
@@ -282,7 +299,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "bad value": [*good, "--max_steps", "ten"],
         "invalid value": [*good, "--lr", -1],
         "bad choice": [*good, "--dtype", "fp8"],
-        "missing data": ["--init", init_dir, "--data", tmp_path / "nowhere", "--out", tmp_path / "new", "--block_size", 32],
+        "missing data": ["--init", init_dir, "--data", tmp_path / "nowhere", "--out", tmp_path / "new",
+                         "--block_size", 32],
         "existing run": good,
         "missing config file": [*good, "--config", tmp_path / "nope.toml"],
     }
@@ -317,7 +335,8 @@ def test_cli_ctrl_c_saves_and_says_how_to_resume(init_dir, prepared, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()) and time.monotonic() < deadline:
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
