@@ -67,7 +67,8 @@ def write_before_after_report(config: TrainConfig, trainer, result) -> None:
     """report.html/.md in the output directory: the starting model vs the trained one on the validation split."""
     import torch
 
-    from minigpt2 import GPT, GPTConfig
+    from minigpt2 import GPT, GPTConfig, Tokenizer
+    from minigpt2.evaluate import text_bytes
     from minigpt2.report import write_report
 
     if config.init == "scratch":
@@ -85,7 +86,7 @@ def write_before_after_report(config: TrainConfig, trainer, result) -> None:
     print("writing the before/after report (perplexity and samples of both models)...", flush=True)
     html, md = write_report(base.to(trainer.device), GPT.from_pretrained(result.model_dir).to(trainer.device), val,
                             result.out_dir, base_name=base_name, finetuned_name=str(result.model_dir),
-                            num_prompts=3, prompt_tokens=prompt_tokens,
+                            num_prompts=3, prompt_tokens=prompt_tokens, n_bytes=text_bytes(val, Tokenizer()),
                             max_new_tokens=min(config.sample_tokens, context - prompt_tokens), seed=config.seed,
                             progress=config.progress)
     print(f"report: {html} (and {md.name})")

@@ -220,13 +220,20 @@ def _load_prepared(directory: Path, tokenizer: Tokenizer) -> EvalText:
     from .dataset import PreparedDataset
 
     tokens = PreparedDataset(directory).tokens("val")
-    # Byte-level BPE: every token stands for fixed bytes, so the text's size is the sum over tokens, counted in
-    # chunks to bound memory. The <|endoftext|> separators stand for no text and are left out, as for a folder.
+    return EvalText(tokens, text_bytes(tokens, tokenizer), f"{directory} (validation split)")
+
+
+def text_bytes(tokens: np.ndarray, tokenizer: Tokenizer) -> int:
+    """The UTF-8 size of the text that `tokens` encode, for bits per byte.
+
+    Byte-level BPE: every token stands for fixed bytes, so the size is the sum over tokens, counted in chunks to
+    bound memory. The <|endoftext|> separators stand for no text and are left out, as for a folder of files.
+    """
     n_bytes = 0
     for start in range(0, len(tokens), 1 << 20):
-        chunk = tokens[start:start + (1 << 20)]
+        chunk = np.asarray(tokens[start:start + (1 << 20)])
         n_bytes += len(tokenizer.decode_bytes(chunk[chunk != EOT_ID].tolist()))
-    return EvalText(tokens, n_bytes, f"{directory} (validation split)")
+    return n_bytes
 
 
 def resolve_device(name: str) -> torch.device:

@@ -40,7 +40,6 @@ from .tokenizer import Tokenizer
 NEG = -1.0e9
 
 
-@torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
              streamer: Callable[[torch.Tensor], None] | None = None, tokenizer: Tokenizer | None = None,
@@ -56,18 +55,25 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     tokenizer: decodes tokens for `stop_strings` (default: GPT-2's).
 
     Rows that end before the longest one are filled with pad_token_id (default: the first eos_token_id).
+
+    Decoding runs under torch.inference_mode (the streamer too), which skips autograd's bookkeeping on every small
+    op of a step; the returned tensor is an ordinary one. On a CPU the model's weights are first given the memory
+    layout that decoding multiplies fastest (`use_decoding_layout`): same values, new strides, kept afterwards.
     """
-    run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
-    _fast_weight_layout(model)
-    if run.config.num_beams > 1:
-        return _beam_search(run, generator, streamer)
-    for tokens in _decode(run, generator):
-        if streamer is not None:
-            streamer(tokens)
-    return run.sequences[:, :run.length]
+    use_decoding_layout(model)
+    with torch.inference_mode():
+        run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
+        if run.config.num_beams > 1:
+            sequences = _beam_search(run, generator, streamer)
+        else:
+            for tokens in _decode(run, generator):
+                if streamer is not None:
+                    streamer(tokens)
+            sequences = run.sequences[:, :run.length]
+    return sequences.clone()  # outside inference mode: usable anywhere, e.g. as training input
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
                     generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
                     tokenizer: Tokenizer | None = None, **settings) -> Iterator[str]:
@@ -81,8 +87,8 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     tokenizer = tokenizer or Tokenizer()
     if isinstance(prompt, str):
         prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    use_decoding_layout(model)
     run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
-    _fast_weight_layout(model)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
                           "prompts or num_return_sequences > 1 use generate()")
@@ -236,24 +242,27 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)
 
 
-def _fast_weight_layout(model: torch.nn.Module) -> None:
+def use_decoding_layout(model: torch.nn.Module) -> None:
     """On a CPU, lay out each projection weight in memory the way the matrix library multiplies fastest by a few rows.
 
-    A decoding step multiplies one or a few rows (beams, a small batch) by every weight. For fp32 (MKL), an
-    input-major matrix, (in, out) in memory as OpenAI's Conv1D stored it, is read at full memory speed where
-    nn.Linear's usual output-major (out, in) layout takes a markedly slower path once there are a few rows; for
-    bf16 (oneDNN) it is the other way round. Values and shapes stay the same, only the strides change, in place and
-    only when needed. The tied head is included: as the embedding table it is then read by strided rows, a
-    negligible cost for the handful of tokens a step embeds.
+    `generate` calls this; the change stays with the model. A decoding step multiplies one or a few rows (beams, a
+    small batch) by every weight. For fp32 (MKL), an input-major matrix, (in, out) in memory as OpenAI's Conv1D
+    stored it, is read at full memory speed where nn.Linear's usual output-major (out, in) layout takes a markedly
+    slower path once there are a few rows; for bf16 (oneDNN) it is the other way round. Values, shapes and the
+    Parameter objects stay the same, only the strides change, and only when needed. Everything else works as before
+    (training, saving: files are written contiguous). The tied head is included: as the embedding table it is then
+    read by strided rows, a negligible cost for the handful of tokens a step embeds.
     """
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear) or module.weight.device.type != "cpu":
-            continue
-        weight = module.weight
-        if weight.dtype == torch.float32 and not weight.t().is_contiguous():
-            weight.data = weight.data.t().contiguous().t()
-        elif weight.dtype != torch.float32 and not weight.is_contiguous():
-            weight.data = weight.data.contiguous()
+    # Parameter data must not be made inside inference mode (generate's), or it could never be trained again.
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear) or module.weight.device.type != "cpu":
+                continue
+            weight = module.weight
+            if weight.dtype == torch.float32 and not weight.t().is_contiguous():
+                weight.data = weight.data.t().contiguous().t()
+            elif weight.dtype != torch.float32 and not weight.is_contiguous():
+                weight.data = weight.data.contiguous()
 
 
 def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -35,11 +35,12 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """Attention as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); mask: bool, broadcastable to (B, nh, Tq, Tk), True where a query may
-    look at a key, or None for plain causal attention over Tq == Tk.
+    look at a key, or None for plain causal attention where the queries are the last Tq of the Tk positions.
     """
+    Tq, Tk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
     if mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
@@ -109,7 +110,10 @@ class CausalSelfAttention(nn.Module):
 
             y = flash_attention(q, k, v, key_padding_mask=key_padding)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+            # SDPA's is_causal lines queries up with the first keys, so it is for Tq == Tk only; a single new query
+            # after a cache (no mask) sees every key.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -235,12 +239,14 @@ class GPT(nn.Module):
         """The boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None for plain causal.
 
         A query sees keys at or before its own position that are not padding. It always sees itself, so that a
-        padding query (whose every key is padding) gets finite, ignored output instead of NaN.
+        padding query (whose every key is padding) gets finite, ignored output instead of NaN. Without padding, no
+        mask is needed for a prompt (past == 0) or for one new token after a cache (it sees every key): the common
+        decoding step builds nothing.
         """
         key_padding = attention_mask.bool() if attention_mask is not None else None
         if key_padding is not None and bool(key_padding.all()):
             key_padding = None
-        if key_padding is None and past == 0:
+        if key_padding is None and (past == 0 or T == 1):
             return None, None
         q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
         k_pos = torch.arange(past + T, device=device).unsqueeze(0)        # (1, past + T)
@@ -259,9 +265,12 @@ class GPT(nn.Module):
         logits = self(input_ids, **forward_kwargs)
         return lm_loss(logits[:, :-1], labels[:, 1:], ignore_index)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Continue `input_ids` (B, T); returns the full sequences, prompt included. See `generate.py`."""
+        """Continue `input_ids` (B, T); returns the full sequences, prompt included. See `generate.py`.
+
+        On a CPU this also re-lays the weights out in memory for fast decoding (values unchanged; see
+        `use_decoding_layout`).
+        """
         from .generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

@@ -150,17 +150,13 @@ class TrainConfig:
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Settings from a TOML file: top-level `name = value` pairs named like TrainConfig fields (dashes allowed).
 
-    Uses tomllib (Python 3.11+) or, on 3.10, the `tomli` package; ConfigError if neither is there or the file is
+    Uses tomllib (Python 3.11+) or, on 3.10, its backport `tomli` (a dependency there); ConfigError if the file is
     unreadable. Unknown names are reported by `cli.dataclass_from_flags`.
     """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - exercised on Python 3.10 only
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise ConfigError(f"--config {path}: reading TOML needs Python 3.11+ or the tomli package "
-                              "(pip install tomli)") from None
+        import tomli as tomllib
     file = Path(path)
     try:
         with file.open("rb") as handle:

@@ -7,11 +7,13 @@ side's call: both draw with one torch.multinomial per step on the same probabili
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from minigpt2 import GPT, ConfigError, Tokenizer
+from minigpt2 import GPT, ConfigError, GPTConfig, Tokenizer
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig
 from minigpt2.kv_cache import KVCache
@@ -170,6 +172,23 @@ def test_generator_makes_sampling_reproducible(pair):
     torch.manual_seed(5)
     assert runs[0].tolist() == runs[1].tolist() == ours.generate(ids, do_sample=True, top_k=0,
                                                                 max_new_tokens=12).tolist()
+
+
+def test_generate_leaves_an_ordinary_trainable_model():
+    """Decoding runs in inference mode and re-lays CPU weights out: neither may leak into later training."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    untouched = copy.deepcopy(model)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    assert not out.is_inference() and not any(p.is_inference() for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), untouched.parameters()):
+        assert torch.equal(p, q), name  # same values, whatever the strides
+    for m in (model, untouched):
+        m.train()
+        torch.manual_seed(1)  # the same dropout masks
+        m.loss(out).backward()  # would raise on an inference tensor
+    for (name, p), q in zip(model.named_parameters(), untouched.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # --- beam search --------------------------------------------------------------------------------------------------

@@ -85,15 +85,17 @@ def test_loss_matches_transformers_with_ignore_index(hf_checkpoint):
     assert got.item() == aligned.item()
 
 
-def test_kv_cache_equals_full_forward(hf_checkpoint):
-    ours, _ = load_pair(hf_checkpoint())
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+def test_kv_cache_equals_full_forward(hf_checkpoint, attn_impl):
+    """A prompt, then a chunk of several tokens (masked against the cache), then single tokens (no mask at all)."""
+    ours, ref = load_pair(hf_checkpoint(), attn_impl=attn_impl)
     torch.manual_seed(4)
     input_ids = torch.randint(0, 50257, (2, 30))
     with torch.no_grad():
-        full = ours(input_ids)
+        full = ref(input_ids).logits
         cache = KVCache(ours.config, batch_size=2, max_len=30)
-        steps = [ours(input_ids[:, :12], kv_cache=cache)]
-        for t in range(12, 30):
+        steps = [ours(input_ids[:, :12], kv_cache=cache), ours(input_ids[:, 12:15], kv_cache=cache)]
+        for t in range(15, 30):
             steps.append(ours(input_ids[:, t:t + 1], kv_cache=cache))
     assert cache.length == 30
     assert max_rel_err(torch.cat(steps, dim=1), full) <= 1e-5

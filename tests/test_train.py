@@ -362,3 +362,5 @@ def test_cli_scratch_run_end_to_end(prepared, tmp_path):
     assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
     assert (out / "loss.png").exists() or "matplotlib is not installed" in done.stdout
     GPT.from_pretrained(out)  # the final model loads like any checkpoint
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "untrained tiny" in report and "bits per byte" in report and "n/a" not in report, report
