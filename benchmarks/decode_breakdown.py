@@ -2,11 +2,12 @@
 
     python benchmarks/decode_breakdown.py [--preset gpt2] [--repeats 5] [--threads N]
 
-Prints, for minigpt2's cached decoding step (fp32, weights in `use_decoding_layout`):
+Prints, for minigpt2's cached decoding step (fp32):
 
-    floor      one pass of matrix-vector products over every weight matrix, for 1, 4 and 8 rows (what a greedy,
-               4-beam and 8-sample step must at least do)
-    step       the model's step for one new token (batch 1, 64 tokens in the cache)
+    floor      one pass of products over every weight matrix, for 1, 4 and 8 rows (what a greedy, 4-beam and
+               8-sample step must at least do), in the fastest weight layout (see generate.py's floor)
+    step       the model's step for one new token (batch 1, 64 tokens in the cache); and for 4 rows with weights
+               packed as generate() packs them
     no matmul  the same step with every nn.Linear returning a ready-made result: the rest of the model
     width 96   the same step on a model of the same depth and heads but width 96: Python and dispatch alone
 
@@ -20,11 +21,11 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from generate import weight_streaming_floor  # benchmarks/generate.py, beside this script
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.generate import use_decoding_layout
 from minigpt2.kv_cache import KVCache
+from minigpt2.prepack import prepacked
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -37,17 +38,11 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return best * 1e3
 
 
-def floor_ms(model: GPT, rows: int, repeats: int) -> float:
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(rows, w.shape[1]) for w in weights]
-    return best_ms(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], repeats)
-
-
-def step_ms(model: GPT, repeats: int, past: int = 64) -> float:
-    """One cached step for a single token, with `past` tokens already in the cache."""
-    cache = KVCache(model.config, 1, past + 1)
-    model(torch.randint(0, model.config.vocab_size, (1, past)), kv_cache=cache)
-    token = torch.tensor([[5]])
+def step_ms(model: GPT, repeats: int, past: int = 64, rows: int = 1) -> float:
+    """One cached step for a single new token in each of `rows` rows, with `past` tokens already in the cache."""
+    cache = KVCache(model.config, rows, past + 1)
+    model(torch.randint(0, model.config.vocab_size, (rows, past)), kv_cache=cache)
+    token = torch.full((rows, 1), 5)
 
     def step() -> None:
         model(token, kv_cache=cache)
@@ -68,13 +63,13 @@ def main() -> None:
     model = GPT(config).eval()
     narrow = GPT(GPTConfig(n_layer=config.n_layer, n_head=config.n_head, n_embd=8 * config.n_head,
                            vocab_size=128)).eval()
-    for m in (model, narrow):
-        use_decoding_layout(m)
     print(f"{args.preset}, cpu fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
     with torch.inference_mode():
         for rows in (1, 4, 8):
-            print(f"floor, {rows} row(s): {floor_ms(model, rows, args.repeats):7.2f} ms")
+            print(f"floor, {rows} row(s): {weight_streaming_floor(model, rows, args.repeats) * 1e3:7.2f} ms")
         print(f"step:              {step_ms(model, args.repeats):7.2f} ms")
+        with prepacked(model, 4):
+            print(f"step, 4 packed:    {step_ms(model, args.repeats, rows=4):7.2f} ms")
         ready: dict[tuple, torch.Tensor] = {}
 
         def ready_made(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ single sequence into text as they come, holding back what might be the start of 
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,11 +34,14 @@ from .errors import ConfigError
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .logits_process import Processor, apply_processors, build_processors
+from .prepack import prepacked
 from .tokenizer import Tokenizer
 
 # "Impossible" in beam bookkeeping: finite, unlike -inf, so that sums stay finite and a softmax never sees a row of
 # -inf only (that would be NaN); any real log-probability sum is far above it. transformers uses the same value.
 NEG = -1.0e9
+# Packing the weights costs about as much as 5-10 steps of several rows save (gpt2: 0.15 s against 20-40 ms a step).
+MIN_PACKED_STEPS = 8
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -57,19 +61,20 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     Rows that end before the longest one are filled with pad_token_id (default: the first eos_token_id).
 
     Decoding runs under torch.inference_mode (the streamer too), which skips autograd's bookkeeping on every small
-    op of a step; the returned tensor is an ordinary one. On a CPU the model's weights are first given the memory
-    layout that decoding multiplies fastest (`use_decoding_layout`): same values, new strides, kept afterwards.
+    op of a step; the returned tensor is an ordinary one. When several rows are decoded on a CPU (beams, a batch,
+    several samples), the fp32 weights are packed for that many rows for the length of the call (`prepack.py`: a
+    copy about the size of the weights, freed on return).
     """
-    use_decoding_layout(model)
     with torch.inference_mode():
         run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
-        if run.config.num_beams > 1:
-            sequences = _beam_search(run, generator, streamer)
-        else:
-            for tokens in _decode(run, generator):
-                if streamer is not None:
-                    streamer(tokens)
-            sequences = run.sequences[:, :run.length]
+        with _decoding_weights(run):
+            if run.config.num_beams > 1:
+                sequences = _beam_search(run, generator, streamer)
+            else:
+                for tokens in _decode(run, generator):
+                    if streamer is not None:
+                        streamer(tokens)
+                sequences = run.sequences[:, :run.length]
     return sequences.clone()  # outside inference mode: usable anywhere, e.g. as training input
 
 
@@ -87,7 +92,6 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     tokenizer = tokenizer or Tokenizer()
     if isinstance(prompt, str):
         prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
-    use_decoding_layout(model)
     run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
@@ -242,27 +246,13 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)
 
 
-def use_decoding_layout(model: torch.nn.Module) -> None:
-    """On a CPU, lay out each projection weight in memory the way the matrix library multiplies fastest by a few rows.
-
-    `generate` calls this; the change stays with the model. A decoding step multiplies one or a few rows (beams, a
-    small batch) by every weight. For fp32 (MKL), an input-major matrix, (in, out) in memory as OpenAI's Conv1D
-    stored it, is read at full memory speed where nn.Linear's usual output-major (out, in) layout takes a markedly
-    slower path once there are a few rows; for bf16 (oneDNN) it is the other way round. Values, shapes and the
-    Parameter objects stay the same, only the strides change, and only when needed. Everything else works as before
-    (training, saving: files are written contiguous). The tied head is included: as the embedding table it is then
-    read by strided rows, a negligible cost for the handful of tokens a step embeds.
-    """
-    # Parameter data must not be made inside inference mode (generate's), or it could never be trained again.
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, torch.nn.Linear) or module.weight.device.type != "cpu":
-                continue
-            weight = module.weight
-            if weight.dtype == torch.float32 and not weight.t().is_contiguous():
-                weight.data = weight.data.t().contiguous().t()
-            elif weight.dtype != torch.float32 and not weight.is_contiguous():
-                weight.data = weight.data.contiguous()
+def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:
+    """Where the decoding steps multiply several rows and there are enough of them, weights packed for that many
+    rows (see `prepack.py`: on a CPU, 4-8 rows then cost little more than 1); otherwise the weights as they are."""
+    rows = run.sequences.shape[0]
+    if rows >= 2 and run.new_tokens >= MIN_PACKED_STEPS:
+        return prepacked(run.model, rows)
+    return contextlib.nullcontext()
 
 
 def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -363,8 +353,8 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
 
     Per prompt, `num_beams` running beams and `num_beams` slots of finished hypotheses. Each step:
       1. every beam scores every next token: running score + log p(token), processed -> (B, beams * vocab);
-      2. the best `candidates` continuations are taken (or sampled), twice the beams or more, so that enough of
-         them do not end even if every beam's best continuation is end-of-sequence;
+      2. the best `candidates` continuations are taken (or sampled, then sorted best first), twice the beams or
+         more, so that enough of them do not end even if every beam's best continuation is end-of-sequence;
       3. continuations that end (eos, stop string, length) compete for the finished slots with score
          sum_logprob / new_length ** length_penalty; only those among the best `num_beams` candidates may;
       4. the best `num_beams` continuations that did not end become the running beams (the cache follows them);
@@ -402,7 +392,9 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         totals = (logprobs.view(B, beams, vocab) + running_scores[:, :, None]).view(B, beams * vocab)
         if config.do_sample:
             flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
-            cand_scores = totals.gather(1, flat)
+            # Best first, as topk's are: only the first `beams` candidates may finish (step 3).
+            cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
+            flat = flat.gather(1, order)
         else:
             cand_scores, flat = torch.topk(totals, candidates)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each

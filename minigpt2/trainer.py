@@ -53,7 +53,8 @@ from . import checkpoint as ckpt
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error
-from .model import GPT, lm_loss
+from .loss import lm_loss
+from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
 from .schedule import LRSchedule
 from .train_config import TrainConfig

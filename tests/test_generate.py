@@ -175,14 +175,15 @@ def test_generator_makes_sampling_reproducible(pair):
 
 
 def test_generate_leaves_an_ordinary_trainable_model():
-    """Decoding runs in inference mode and re-lays CPU weights out: neither may leak into later training."""
+    """Decoding runs in inference mode with packed weights: neither may leak into later training."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     untouched = copy.deepcopy(model)
-    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([[1, 2, 3]]), num_beams=3, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    assert not any("forward" in vars(m) for m in model.modules())  # every layer's own forward is back
     assert not out.is_inference() and not any(p.is_inference() for p in model.parameters())
     for (name, p), q in zip(model.named_parameters(), untouched.parameters()):
-        assert torch.equal(p, q), name  # same values, whatever the strides
+        assert torch.equal(p, q) and p.stride() == q.stride(), name
     for m in (model, untouched):
         m.train()
         torch.manual_seed(1)  # the same dropout masks

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.kv_cache import KVCache
-from minigpt2.model import lm_loss
+from minigpt2.loss import lm_loss
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

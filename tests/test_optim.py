@@ -9,7 +9,7 @@ import torch
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.errors import ConfigError
-from minigpt2.model import lm_loss
+from minigpt2.loss import lm_loss
 from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
 from minigpt2.schedule import LRSchedule
 

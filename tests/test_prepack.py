@@ -1,0 +1,78 @@
+"""MKL-packed weights for decoding several rows on a CPU (prepack.py), against plain float64 products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minigpt2.prepack as prepack
+from minigpt2 import GPT, GPTConfig
+
+# torch's x86 wheels (CI's) are built with MKL; a build without it (e.g. on ARM) leaves the weights as they are.
+pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
+
+
+def exact(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = linear.bias.double() if linear.bias is not None else None
+    return F.linear(x.double(), linear.weight.double(), bias)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_product_equals_the_linear_layer(rows, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=bias)
+    x = torch.randn(rows, 1, 96)  # a decoding step's (rows, 1 token, C)
+    with torch.inference_mode(), prepack.prepacked(linear, rows):
+        assert "forward" in vars(linear)
+        y = linear(x)
+    assert y.shape == (rows, 1, 200)
+    torch.testing.assert_close(y.double(), exact(linear, x), rtol=1e-5, atol=1e-5)
+
+
+def test_other_row_counts_take_the_ordinary_product():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48)
+    prefill = torch.randn(2, 7, 32)  # 14 rows, not the 4 that were packed for
+    with torch.inference_mode(), prepack.prepacked(linear, 4):
+        y = linear(prefill)
+    assert torch.equal(y, F.linear(prefill, linear.weight, linear.bias))
+
+
+def test_layers_get_their_forward_back_even_after_an_error():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch.inference_mode(), prepack.prepacked(model, 2):
+            assert all("forward" in vars(m) for m in linears)
+            raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in linears)
+
+
+def test_only_fp32_cpu_weights_are_packed():
+    assert prepack.supported(nn.Linear(8, 8))
+    assert not prepack.supported(nn.Linear(8, 8).to(torch.bfloat16))
+    layer = nn.Linear(8, 8).to(torch.bfloat16)
+    with torch.inference_mode(), prepack.prepacked(layer, 2):
+        assert "forward" not in vars(layer)
+
+
+def test_generate_packs_for_several_rows_only(monkeypatch):
+    """Beams and batches decode with packed weights; one row, or a handful of steps, is not worth the packing."""
+    packed_rows = []
+    real_pack = prepack.pack
+    monkeypatch.setattr(prepack, "pack", lambda linear, rows: packed_rows.append(rows) or real_pack(linear, rows))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    prompt = torch.tensor([[1, 2, 3]])
+    ids = dict(eos_token_id=None, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=10, **ids)
+    model.generate(prompt, num_beams=4, max_new_tokens=2, **ids)
+    assert packed_rows == []
+    model.generate(prompt, num_beams=4, max_new_tokens=10, **ids)
+    assert set(packed_rows) == {4} and len(packed_rows) == 5  # the 4 projections of the block and the head
+    packed_rows.clear()
+    model.generate(prompt.repeat(3, 1), do_sample=True, num_return_sequences=2, max_new_tokens=10, **ids)
+    assert set(packed_rows) == {6}
