@@ -2,7 +2,7 @@
 
     python benchmarks/decode_breakdown.py [--preset gpt2] [--repeats 5] [--threads N]
 
-Prints, for minigpt2's cached decoding step (fp32):
+Prints, for minigpt2's cached decoding step (fp32, weights held as generate() holds them):
 
     floor      one pass of products over every weight matrix, for 1, 4 and 8 rows (what a greedy, 4-beam and
                8-sample step must at least do), in the fastest weight layout (see generate.py's floor)
@@ -25,7 +25,7 @@ from generate import weight_streaming_floor  # benchmarks/generate.py, beside th
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.kv_cache import KVCache
-from minigpt2.prepack import prepacked
+from minigpt2.prepack import prepacked, use_decoding_layout
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -63,6 +63,8 @@ def main() -> None:
     model = GPT(config).eval()
     narrow = GPT(GPTConfig(n_layer=config.n_layer, n_head=config.n_head, n_embd=8 * config.n_head,
                            vocab_size=128)).eval()
+    for m in (model, narrow):
+        use_decoding_layout(m)  # as generate() holds the weights for one row
     print(f"{args.preset}, cpu fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
     with torch.inference_mode():
         for rows in (1, 4, 8):

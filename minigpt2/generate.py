@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
 from .logits_process import Processor, apply_processors, build_processors
-from .prepack import prepacked
+from .prepack import prepacked, use_decoding_layout
 from .tokenizer import Tokenizer
 
 # "Impossible" in beam bookkeeping: finite, unlike -inf, so that sums stay finite and a softmax never sees a row of
@@ -61,9 +61,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     Rows that end before the longest one are filled with pad_token_id (default: the first eos_token_id).
 
     Decoding runs under torch.inference_mode (the streamer too), which skips autograd's bookkeeping on every small
-    op of a step; the returned tensor is an ordinary one. When several rows are decoded on a CPU (beams, a batch,
-    several samples), the fp32 weights are packed for that many rows for the length of the call (`prepack.py`: a
-    copy about the size of the weights, freed on return).
+    op of a step; the returned tensor is an ordinary one. On a CPU the fp32 weights are held the way decoding
+    multiplies them fastest (`prepack.py`): for one row, the first call lays them out input-major in place (same
+    values, new strides, kept afterwards); for several rows (beams, a batch, several samples) they are packed for
+    that many rows for the length of the call (a copy about the size of the weights, freed on return).
     """
     with torch.inference_mode():
         run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
@@ -92,6 +93,7 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     tokenizer = tokenizer or Tokenizer()
     if isinstance(prompt, str):
         prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    use_decoding_layout(model)  # one row: see prepack.py
     run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
@@ -247,11 +249,13 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:
-    """Where the decoding steps multiply several rows and there are enough of them, weights packed for that many
-    rows (see `prepack.py`: on a CPU, 4-8 rows then cost little more than 1); otherwise the weights as they are."""
+    """How the decoding steps hold the weights (see `prepack.py`): one row reads input-major weights fastest; for
+    several rows, and enough steps to repay the packing, the weights are packed for that many rows."""
     rows = run.sequences.shape[0]
     if rows >= 2 and run.new_tokens >= MIN_PACKED_STEPS:
         return prepacked(run.model, rows)
+    if rows == 1:
+        use_decoding_layout(run.model)
     return contextlib.nullcontext()
 
 
