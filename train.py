@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
-        print(f"settings (saved to {Path(config.out) / 'train_config.json'}):\n{config.describe()}", flush=True)
+        where = Path(config.out) / "train_config.json"
+        print(f"settings (written to {where} when training starts):\n{config.describe()}", flush=True)
 
     from minigpt2 import GPT
     from minigpt2.trainer import Trainer

@@ -5,7 +5,7 @@
 Prints, for minigpt2's cached decoding step (fp32, weights held as generate() holds them):
 
     floor      one pass of products over every weight matrix, for 1, 4 and 8 rows (what a greedy, 4-beam and
-               8-sample step must at least do), in the fastest weight layout (see generate.py's floor)
+               8-sample step must at least do), in the fastest weight layout (see benchmarks/generate.py's floor)
     step       the model's step for one new token (batch 1, 64 tokens in the cache); and for 4 rows with weights
                packed as generate() packs them
     no matmul  the same step with every nn.Linear returning a ready-made result: the rest of the model

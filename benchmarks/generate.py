@@ -12,8 +12,8 @@ timed alternately for the two libraries, best of --repeats after a warm-up:
 tokens/s counts the new tokens of the returned sequences (batch x new). The weight-streaming floor is the time of one
 pass of matrix-vector products over every weight matrix, in whichever memory layout multiplies fastest (what any
 batch-1 decoding step must at least do on a CPU, where a step is bound by reading the weights); greedy's decoding
-step (time per token after the prompt's prefill) is reported against it. Each workload also says whether both libraries produced the same tokens (sampling: same torch
-seed; in bf16 the two may round differently and part ways).
+step (time per token after the prompt's prefill) is reported against it. Each workload also says whether both
+libraries produced the same tokens (sampling: same torch seed; in bf16 the two may round differently and part ways).
 """
 
 from __future__ import annotations

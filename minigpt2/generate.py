@@ -252,7 +252,7 @@ def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:
     """How the decoding steps hold the weights (see `prepack.py`): one row reads input-major weights fastest; for
     several rows, and enough steps to repay the packing, the weights are packed for that many rows."""
     rows = run.sequences.shape[0]
-    if rows >= 2 and run.new_tokens >= MIN_PACKED_STEPS:
+    if rows >= 2 and run.new_tokens >= MIN_PACKED_STEPS and not torch.is_autocast_enabled("cpu"):
         return prepacked(run.model, rows)
     if rows == 1:
         use_decoding_layout(run.model)

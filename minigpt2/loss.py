@@ -1,4 +1,4 @@
-"""The language-modelling loss: mean next-token cross-entropy over GPT-2's 50,257-way softmax, a slice of rows at a time.
+"""The language-modelling loss: mean next-token cross-entropy over GPT-2's 50,257-way softmax, sliced by rows.
 
 For one position with logits z (V,) and target t:
 
@@ -9,12 +9,17 @@ F.cross_entropy on them writes a full fp32 copy (under bf16 autocast), a full lo
 then the softmax's gradient, each a pass through memory. Here the forward keeps only one number per row (its
 logsumexp), and the backward forms softmax(z) - onehot(t) slice by slice, each slice in fp32 while it sits in the
 cache, and writes the gradient once, in the logits' own dtype. The result equals F.cross_entropy to fp32 rounding
-(tests/test_loss.py).
+(tests/test_loss.py). The slices are sized for a CPU's cache; on a GPU, where F.cross_entropy is a few fused
+kernels and a Python loop of small ones would only add launches, lm_loss uses it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ROWS_PER_SLICE = 16  # 16 x 50,257 fp32 values = 3 MB: a slice stays in cache between its few operations
 
@@ -23,7 +28,7 @@ class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), ignoring targets equal to ignore_index."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         scored = targets != ignore_index
         safe_targets = torch.where(scored, targets, 0)  # any valid column; these rows are zeroed below
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -37,10 +42,12 @@ class _CrossEntropy(torch.autograd.Function):
         return torch.where(scored, lse - picked, 0.0).sum() / count
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    @once_differentiable  # the backward below is not itself differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets, scored, lse, count = ctx.saved_tensors
-        # Each scored row's gradient is (softmax - onehot) * grad / count; unscored rows get zero.
-        row_scale = scored * (grad_loss / count)                 # (N,) fp32
+        # Each scored row's gradient is (softmax - onehot) * grad / count; unscored rows get zero, also when no row
+        # is scored at all (count 0), as with F.cross_entropy.
+        row_scale = torch.where(scored, grad_loss / count.clamp(min=1), 0.0)  # (N,) fp32
         grad = torch.empty_like(logits)
         fp32 = grad.dtype == torch.float32  # then each slice is worked out in place, in the gradient itself
         for start in range(0, logits.shape[0], ROWS_PER_SLICE):
@@ -55,5 +62,14 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Cross-entropy of aligned logits (B, T, V) and targets (B, T), in fp32, averaged over scored positions."""
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+    """Cross-entropy of aligned logits (B, T, V) and targets (B, T), in fp32, averaged over scored positions.
+
+    Targets equal to `ignore_index` are not scored (nan if none is, as F.cross_entropy gives).
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not line up: targets "
+                         "need the logits' shape without the vocabulary dimension")
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (B, T, V) -> (B*T, V)
+    if logits.device.type != "cpu":
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    return _CrossEntropy.apply(logits, targets, ignore_index)

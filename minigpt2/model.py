@@ -40,6 +40,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """
     if not training or p == 0.0:
         return x
+    if p >= 1.0:
+        return x * 0.0  # everything dropped (and no division by zero)
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     keep = torch.empty(x.shape, dtype=torch.int32).random_() >= round(p * 2**31)  # random_: uniform on [0, 2^31)
@@ -295,7 +297,9 @@ class GPT(nn.Module):
         """
         labels = input_ids if labels is None else labels
         logits = self(input_ids, **forward_kwargs)
-        return lm_loss(logits[:, :-1], labels[:, 1:], ignore_index)
+        # The last position has nothing to predict: an ignored target, rather than slicing (and copying) the logits.
+        targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        return lm_loss(logits, targets, ignore_index)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Continue `input_ids` (B, T); returns the full sequences, prompt included. See `generate.py`."""

@@ -13,10 +13,11 @@ their layout in memory and on the number of rows:
   MKL can instead pack a matrix once (`cblas_sgemm_pack`) and multiply by the packed copy (`cblas_sgemm_compute`);
   torch exposes the pair as `torch.ops.mkl._mkl_reorder_linear_weight` and `torch.ops.mkl._mkl_linear`, the ops its
   compiler uses for frozen CPU models. With packed weights 4 and 8 rows cost little more than 1 (the head: 10 ms).
-  `prepacked(model, rows)` is the context for that: every fp32 nn.Linear multiplies inputs of exactly `rows` rows
-  by its packed weight, and anything else (the prompt's prefill) the ordinary way. Packing costs a pass over the
-  weights (about 0.15 s for gpt2) and, while decoding, memory about the size of the weights; the copies are freed
-  on leaving the context, so nothing can go stale when the weights later change.
+  `prepacked(model, rows)` is the context for that: every fp32 nn.Linear multiplies fp32 inputs of exactly `rows`
+  rows by its packed weight, and anything else (the prompt's prefill, autocast's bf16) the ordinary way. Packing
+  costs a pass over the weights (about 0.15 s for gpt2) and, while decoding, memory about the size of the weights;
+  the copies are freed on leaving the context, so they cannot go stale when the weights change after decoding
+  (they must not change during it).
 
 Either way the product is the same, summed in another order (float rounding, about 1e-7 relative). Elsewhere (bf16,
 which oneDNN multiplies fastest output-major; a GPU; a torch without MKL) the weights are left as they are.
@@ -68,21 +69,24 @@ def pack(linear: nn.Linear, rows: int) -> torch.Tensor:
 
 
 def _packed_forward(linear: nn.Linear, packed: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` through the packed weight when x has `rows` rows; otherwise the ordinary product."""
-    if x.numel() != rows * linear.in_features:
-        return F.linear(x, linear.weight, linear.bias)
+    """`linear(x)` through the packed weight for an fp32 input of `rows` rows outside autograd; else the usual way."""
+    if (x.dtype != torch.float32 or x.shape[-1] != linear.in_features or x.numel() != rows * linear.in_features
+            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, linear.weight, linear.bias)  # the packed op has no gradient and no autocast rule
     out = torch.ops.mkl._mkl_linear(x.reshape(rows, linear.in_features), packed, linear.weight, linear.bias, rows)
     return out.view(*x.shape[:-1], linear.out_features)  # (rows, out) -> (..., out)
 
 
 @contextlib.contextmanager
 def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
-    """Within the block, the model's supported nn.Linear layers multiply `rows`-row inputs by packed weights.
+    """Within the block, the model's plain nn.Linear layers multiply `rows`-row inputs by packed weights.
 
-    For inference only (the packed product has no gradient): `generate` enters it under torch.inference_mode. On
-    exit, whatever happens inside, the layers' own `forward` is back and the packed copies are freed.
+    For inference: with gradients enabled the layers multiply as usual (`generate` enters it under
+    torch.inference_mode). The packed copies are taken on entry, so the weights must not change inside the block.
+    Subclasses of nn.Linear (which may compute more than x W^T + b) and layers whose forward is already replaced
+    are left alone. On exit, whatever happens inside, the layers' own forward is back and the copies are freed.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and supported(m)]
+    linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m) and supported(m)]
     try:
         for linear in linears:
             # An instance attribute shadows the class's forward for this module alone; nn.Module.__call__ finds it.
@@ -91,4 +95,3 @@ def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
     finally:
         for linear in linears:
             linear.__dict__.pop("forward", None)
-

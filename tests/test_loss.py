@@ -51,6 +51,13 @@ def test_autocast_bf16_head_and_loss_match_fp32_reference():
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-2, atol=1e-2)
 
 
-def test_nothing_scored_is_nan_like_torch():
+def test_nothing_scored_is_a_nan_loss_with_zero_gradient_like_torch():
     logits, targets = torch.randn(1, 4, 10), torch.full((1, 4), -100)
-    assert torch.isnan(lm_loss(logits, targets)) and torch.isnan(reference(logits, targets))
+    (ours, ours_grad), (theirs, theirs_grad) = (loss_and_grad(fn, logits, targets) for fn in (lm_loss, reference))
+    assert torch.isnan(ours) and torch.isnan(theirs)
+    assert torch.equal(ours_grad, theirs_grad) and not ours_grad.any()
+
+
+def test_misaligned_targets_are_an_error():
+    with pytest.raises(ValueError, match="do not line up"):
+        lm_loss(torch.randn(2, 5, 10), torch.zeros(2, 4, dtype=torch.long))

@@ -9,6 +9,7 @@ from transformers import GPT2LMHeadModel
 from minigpt2 import GPT, GPTConfig
 from minigpt2.kv_cache import KVCache
 from minigpt2.loss import lm_loss
+from minigpt2.model import dropout
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,6 +117,39 @@ def test_head_is_tied_and_dropout_only_in_training():
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_each_element_with_probability_1_minus_p_and_scales_it(dtype):
+    x = torch.ones(1_000_000, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.25, training=True)
+    kept = y != 0
+    assert y.dtype == dtype
+    assert abs(kept.float().mean().item() - 0.75) < 3e-3  # ~7 standard deviations of the keep rate
+    torch.testing.assert_close(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.75), rtol=4e-3, atol=0)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient flows through exactly the kept elements, scaled alike
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach(), 0.25, training=True), y.detach())  # torch's seed makes it repeatable
+    assert dropout(x, 0.25, training=False) is x and not dropout(x, 1.0, training=True).any()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
+    """Recomputing a block in backward draws the same dropout masks (checkpoint restores the RNG state)."""
+    torch.manual_seed(6)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32)  # GPT-2's dropout of 0.1
+    model = GPT(config).train()
+    x = torch.randint(0, 100, (2, 16))
+    torch.manual_seed(7)
+    model.loss(x).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    torch.manual_seed(7)
+    model.loss(x).backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -19,17 +19,60 @@ def exact(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.double(), linear.weight.double(), bias)
 
 
+def ran_packed_op(fn) -> bool:
+    """Whether calling fn() runs MKL's packed product (rather than falling back to F.linear)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(event.name == "mkl::_mkl_linear" for event in prof.events())
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_product_equals_the_linear_layer(rows, bias):
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's (rows, 1 token, C)
+    out = []
     with torch.inference_mode(), prepack.prepacked(linear, rows):
-        assert "forward" in vars(linear)
-        y = linear(x)
+        assert ran_packed_op(lambda: out.append(linear(x)))
+    y = out[0]
     assert y.shape == (rows, 1, 200)
     torch.testing.assert_close(y.double(), exact(linear, x), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_and_autocast_take_the_ordinary_product():
+    """The packed op has no gradient and takes fp32 only: with grad on, or bf16 inputs, the layer multiplies as
+    usual (correct gradients, no dtype error)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24)
+    x = torch.randn(4, 16, requires_grad=True)
+    with prepack.prepacked(linear, 4):
+        assert not ran_packed_op(lambda: linear(x).sum().backward())
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x.detach()).dtype == torch.bfloat16
+    torch.testing.assert_close(linear.weight.grad, x.detach().sum(0).expand(24, 16))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(torch.tensor([[1, 2, 3]]), num_beams=4, max_new_tokens=10, eos_token_id=None,
+                             pad_token_id=0)
+    assert out.shape == (1, 13)
+
+
+def test_subclasses_and_replaced_forwards_are_left_alone():
+    class Scaled(nn.Linear):  # e.g. an adapter that computes more than x W^T + b
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(8, 8), nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    expected = model(x)
+    with torch.inference_mode(), prepack.prepacked(model, 2):
+        assert "forward" not in vars(model[0]) and "forward" in vars(model[1])
+        with prepack.prepacked(model, 2):  # nested: the outer packing stays in place
+            pass
+        assert "forward" in vars(model[1])
+        torch.testing.assert_close(model(x), expected)
 
 
 def test_other_row_counts_take_the_ordinary_product():
