@@ -43,13 +43,15 @@ def weight_streaming_floor(model: GPT, rows: int = 1, repeats: int = 10) -> floa
     best: nn.Linear's (out, in) layout, the transposed (in, out) layout of OpenAI's Conv1D that transformers keeps,
     and MKL's packed copy (prepack.py).
     """
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # Each layout built from the weights whatever layout they have now (generate() may have re-laid them out).
+    weights = [m.weight.detach().contiguous() for m in linears]
     inputs = [torch.ones(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
     passes = {"out-major": lambda: [F.linear(x, w) for x, w in zip(inputs, weights)]}
     transposed = [w.t().contiguous().t() for w in weights]
     passes["in-major"] = lambda: [F.linear(x, w) for x, w in zip(inputs, transposed)]
-    if all(prepack.supported(m) for m in model.modules() if isinstance(m, torch.nn.Linear)):
-        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
+    if all(prepack.supported(m) for m in linears):
+        packed = [prepack.pack(m, rows) for m in linears]
         passes["packed"] = lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, rows)
                                     for x, p, w in zip(inputs, packed, weights)]
     best = float("inf")
