@@ -135,6 +135,18 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_and_scales_it(dty
     assert dropout(x, 0.25, training=False) is x and not dropout(x, 1.0, training=True).any()
 
 
+def test_dropout_rounds_p_to_sixteen_bits_and_scales_by_the_rounded_keep_rate():
+    """p = 0.1 drops 6554 of the 65536 values of 16 random bits; survivors are scaled so the mean stays exact."""
+    x = torch.ones(2_000_003)  # an odd size: not a whole number of 64-bit draws
+    torch.manual_seed(1)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - 6554 / 65536)) < 2e-3
+    assert torch.equal(y[kept], torch.full((int(kept.sum()),), 65536 / (65536 - 6554)))
+    assert dropout(x, 1e-6, training=True) is x  # rounds to 0: nothing to drop
+    assert not dropout(x, 1 - 1e-6, training=True).any()  # rounds to 1: everything dropped
+
+
 def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
     """Recomputing a block in backward draws the same dropout masks (checkpoint restores the RNG state)."""
     torch.manual_seed(6)
