@@ -142,6 +142,9 @@ def test_dropout_rounds_p_to_sixteen_bits_and_scales_by_the_rounded_keep_rate():
     y = dropout(x, 0.1, training=True)
     kept = y != 0
     assert abs(kept.float().mean().item() - (1 - 6554 / 65536)) < 2e-3
+    # Each 64-bit draw serves four neighbours: every one of the four 16-bit lanes must keep at the same rate.
+    lanes = kept[:2_000_000].view(-1, 4).float().mean(0)
+    assert (lanes - (1 - 6554 / 65536)).abs().max() < 2e-3
     assert torch.equal(y[kept], torch.full((int(kept.sum()),), 65536 / (65536 - 6554)))
     assert dropout(x, 1e-6, training=True) is x  # rounds to 0: nothing to drop
     assert not dropout(x, 1 - 1e-6, training=True).any()  # rounds to 1: everything dropped
