@@ -6,8 +6,9 @@ Prints, for minigpt2's cached decoding step (fp32, weights held as generate() ho
 
     floor      one pass of products over every weight matrix, for 1, 4 and 8 rows (what a greedy, 4-beam and
                8-sample step must at least do), in the fastest weight layout (see benchmarks/generate.py's floor)
-    step       the model's step for one new token (batch 1, 64 tokens in the cache); and for 4 rows with weights
+    step       the model's forward for one new token (batch 1, 64 tokens in the cache); and for 4 rows with weights
                packed as generate() packs them
+    fast step  the same two with decode_step.py's module-free step, the one generate() runs
     no matmul  the same step with every nn.Linear returning a ready-made result: the rest of the model
     width 96   the same step on a model of the same depth and heads but width 96: Python and dispatch alone
 
@@ -24,6 +25,7 @@ import torch
 from generate import weight_streaming_floor  # benchmarks/generate.py, beside this script
 
 from minigpt2 import GPT, GPTConfig
+from minigpt2.decode_step import DecodeStep
 from minigpt2.kv_cache import KVCache
 from minigpt2.prepack import prepacked, use_decoding_layout
 
@@ -38,14 +40,19 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return best * 1e3
 
 
-def step_ms(model: GPT, repeats: int, past: int = 64, rows: int = 1) -> float:
-    """One cached step for a single new token in each of `rows` rows, with `past` tokens already in the cache."""
+def step_ms(model: GPT, repeats: int, past: int = 64, rows: int = 1, fast: bool = False) -> float:
+    """One cached step for a single new token in each of `rows` rows, with `past` tokens already in the cache:
+    the model's forward, or with `fast` DecodeStep."""
     cache = KVCache(model.config, rows, past + 1)
     model(torch.randint(0, model.config.vocab_size, (rows, past)), kv_cache=cache)
     token = torch.full((rows, 1), 5)
+    forward = DecodeStep(model, cache) if fast else None
 
     def step() -> None:
-        model(token, kv_cache=cache)
+        if forward is not None:
+            forward(token[:, 0])
+        else:
+            model(token, kv_cache=cache)
         cache.length -= 1  # the next step overwrites the same position
 
     return best_ms(step, repeats * 10)
@@ -70,8 +77,10 @@ def main() -> None:
         for rows in (1, 4, 8):
             print(f"floor, {rows} row(s): {weight_streaming_floor(model, rows, args.repeats) * 1e3:7.2f} ms")
         print(f"step:              {step_ms(model, args.repeats):7.2f} ms")
+        print(f"fast step:         {step_ms(model, args.repeats, fast=True):7.2f} ms")
         with prepacked(model, 4):
             print(f"step, 4 packed:    {step_ms(model, args.repeats, rows=4):7.2f} ms")
+            print(f"fast step, 4 packed: {step_ms(model, args.repeats, rows=4, fast=True):5.2f} ms")
         ready: dict[tuple, torch.Tensor] = {}
 
         def ready_made(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ One decoding step, for every strategy:
                   --stopping rules-->    finished rows    (end-of-sequence id, stop strings, length)
 
 The prompt is run once (the "prefill"), filling the KV cache; every later step feeds only the newest token, so a step
-costs one pass over the weights whatever the length. Rows that continue the same prompt (beams, or several samples
-per prompt) share one prefill: the prompt's keys/values are copied into each of them.
+costs one pass over the weights whatever the length. The prefill runs the model's forward; the steps run the same
+arithmetic without modules (decode_step.py), which a CPU does about 15% faster. Rows that continue the same prompt
+(beams, or several samples per prompt) share one prefill: the prompt's keys/values are copied into each of them.
 
 Batches of prompts of different lengths are left-padded, with an attention mask of 0 on the padding: every prompt
 then ends in the last column, new tokens are appended to all rows at once, and positions are counted from the mask
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .decode_step import Step, decoding_step
 from .errors import ConfigError
 from .generation_config import GenerationConfig
 from .kv_cache import KVCache
@@ -287,8 +289,10 @@ def _prefill(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: to
     return model.head(model.hidden_states(ids, attention_mask=mask, kv_cache=cache)[:, -1]).float()
 
 
-def _first_logits(run: _Run) -> tuple[KVCache, torch.Tensor, int]:
-    """Prefill every distinct prompt once, then copy it to the rows that continue it: (cache, logits, window start).
+def _first_logits(run: _Run) -> tuple[KVCache, Step, torch.Tensor, int]:
+    """Prefill every distinct prompt once, then copy it to the rows that continue it.
+
+    Returns the cache, the decoding step over it (decode_step.py), the first logits and the window start.
 
     Rows b*r ... b*r + r - 1 all hold prompt b, so rows 0, r, 2r, ... (a strided view) are the distinct prompts.
     """
@@ -303,12 +307,12 @@ def _first_logits(run: _Run) -> tuple[KVCache, torch.Tensor, int]:
     if r > 1:
         cache = cache.repeat_rows(r)
         logits = logits.repeat_interleave(r, dim=0)
-    return cache, logits, start
+    return cache, decoding_step(run.model, cache), logits, start
 
 
-def _step_logits(run: _Run, cache: KVCache, start: int, length: int,
+def _step_logits(run: _Run, cache: KVCache, step: Step, start: int, length: int,
                  newest: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Feed the newest tokens (rows,), at column length - 1; return (logits, window start).
+    """Feed the newest tokens (rows,), at column length - 1; return (fp32 logits (rows, vocab), window start).
 
     With sliding_window, a full cache is emptied and refilled with the newest half of the window: one re-prefill
     buys half a context of cheap steps. (Without it the context was checked up front and the cache never fills.)
@@ -319,14 +323,14 @@ def _step_logits(run: _Run, cache: KVCache, start: int, length: int,
         mask = run.mask[:, start:length] if run.mask is not None else None
         return _prefill(run.model, cache, run.sequences[:, start:length], mask), start
     mask = run.mask[:, start:length] if run.mask is not None else None
-    return run.model(newest[:, None], attention_mask=mask, kv_cache=cache)[:, -1].float(), start
+    return step(newest, mask).float(), start
 
 
 def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Greedy search or multinomial sampling; yields each step's tokens (rows,) and fills `run.sequences`."""
     config, T = run.config, run.prompt_length
     rows = run.sequences.shape[0]
-    cache, logits, start = _first_logits(run)
+    cache, step_fn, logits, start = _first_logits(run)
     can_finish = run.eos is not None or run.stop_strings is not None
     unfinished = torch.ones(rows, dtype=torch.bool, device=run.sequences.device)
     length = T
@@ -348,7 +352,7 @@ def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tens
             if not bool(unfinished.any()):
                 return
         if step + 1 < run.new_tokens:
-            logits, start = _step_logits(run, cache, start, length, tokens)
+            logits, start = _step_logits(run, cache, step_fn, start, length, tokens)
 
 
 def _beam_search(run: _Run, generator: torch.Generator | None,
@@ -386,7 +390,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
     in_top_beams = torch.arange(candidates, device=device) < beams
     batch_offset = torch.arange(B, device=device)[:, None] * beams
 
-    cache, logits, start = _first_logits(run)
+    cache, step_fn, logits, start = _first_logits(run)
     length = T
     while True:
         vocab = logits.shape[-1]
@@ -400,7 +404,11 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
             cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
             flat = flat.gather(1, order)
         else:
-            cand_scores, flat = torch.topk(totals, candidates)
+            # The best `candidates` of each beam, then the best among those: the same as one topk over all
+            # beams * vocab scores, but rows of a 2-D topk run in parallel and one long row does not (3x faster).
+            beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), candidates)
+            cand_scores, pick = torch.topk(beam_best.view(B, beams * candidates), candidates)
+            flat = pick // candidates * vocab + beam_tokens.view(B, beams * candidates).gather(1, pick)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
         cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len))  # (B, candidates, max_len), a copy
         cand[:, :, length] = tokens
@@ -443,7 +451,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
             break
 
         cache.reorder((parents.gather(1, best) + batch_offset).view(-1), start=T)
-        logits, start = _step_logits(run, cache, start, length, running[:, :, length - 1].reshape(-1))
+        logits, start = _step_logits(run, cache, step_fn, start, length, running[:, :, length - 1].reshape(-1))
 
     n = config.num_return_sequences
     out = done[:, :n].reshape(B * n, max_len)

@@ -83,7 +83,7 @@ def top_k(input_ids: torch.Tensor, scores: torch.Tensor, *, k: int, min_keep: in
     """Keep the k highest scores (and any tied with the k-th); rule out the rest (Fan et al., 2018)."""
     k = min(max(k, min_keep), scores.shape[-1])
     kth_best = torch.topk(scores, k).values[:, -1:]
-    return scores.masked_fill(scores < kth_best, NEG_INF)
+    return torch.where(scores < kth_best, NEG_INF, scores)  # one pass; masked_fill after the compare takes two
 
 
 def top_p(input_ids: torch.Tensor, scores: torch.Tensor, *, p: float, min_keep: int = 1) -> torch.Tensor:
@@ -96,20 +96,20 @@ def top_p(input_ids: torch.Tensor, scores: torch.Tensor, *, p: float, min_keep: 
     cumulative = ascending.softmax(-1).cumsum(-1)
     drop_sorted = cumulative <= 1 - p
     drop_sorted[:, -min_keep:] = False
-    drop = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, drop_sorted)  # back to token ids
-    return scores.masked_fill(drop, NEG_INF)
+    # Back to token ids: every token outside `order` was ruled out already.
+    return scores.scatter(1, order, ascending.masked_fill(drop_sorted, NEG_INF))
 
 
 def _sort_finite(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.sort(scores) ascending, restricted to the finite scores when they are few (after top_k, say).
+    """torch.sort(scores) ascending, restricted to the scores not ruled out when they are few (after top_k, say).
 
     Ruled-out tokens (-inf) would sort first with probability 0 and change nothing; leaving them out turns a sort
     of the whole vocabulary into a top-k of a few dozen, the costliest part of a sampling step otherwise.
     """
-    finite = int(torch.isfinite(scores).sum(-1).max())
-    if finite * 4 > scores.shape[-1]:
+    kept = int((scores > NEG_INF).sum(-1).max())  # one compare; isfinite takes four passes over the scores
+    if kept * 4 > scores.shape[-1]:
         return torch.sort(scores)
-    values, order = torch.topk(scores, finite)  # descending
+    values, order = torch.topk(scores, kept)  # descending
     return values.flip(-1), order.flip(-1)
 
 

@@ -1,0 +1,137 @@
+"""One decoding step without modules: the model's forward for a single new token per row, as generate() runs it.
+
+model.py is the reference: it is the forward to read, for training, prompts and every other shape. This file spells
+out the same operations for the one call that generate() makes over and over, a single new token per row after a
+KV cache, with everything that does not change from step to step looked up once instead of at every step.
+
+Why a CPU needs it: a decoding step reads every weight once (498 MB for gpt2 in fp32), so its floor is the time of
+the 49 matrix-vector products (about 20 ms on the 2-core CI machine). Each product streams megabytes through the
+caches and evicts the code and data of whatever runs next, so every operation between two products runs cold: a
+LayerNorm of 768 values costs 17 us there against 3.5 us in a loop, SDPA for one query 39 us against 16 us, and even
+a view costs 10 us. The module forward puts about 30 such operations between consecutive products (module calls,
+F.linear's transpose of the weight, splits and transposes of q/k/v, mask and position bookkeeping): measured, its
+step is 25% above the floor. This step keeps only the arithmetic, 8 to 10 operations a block, and is about 8% above.
+
+The operations are model.py's, in its order, so the logits are the same to the bit on a CPU (the tests check it
+against the module forward, and generate() against transformers). Per step:
+
+    x = wte[token] + wpe[position]                                      (rows, C)
+    per block:  q, k, v = c_attn(ln_1(x))      -> k, v written into the cache at `position`
+                x = x + c_proj(attention(q, cached keys, cached values))
+                x = x + mlp.c_proj(gelu(c_fc(ln_2(x))))
+    logits = ln_f(x) @ wte^T                                            (rows, vocab)
+
+A projection whose weights generate() packed for several rows (prepack.py) multiplies through its packed copy.
+generate() uses the module forward instead where this step would not do the same: a model in training mode
+(dropout), attn_impl="naive", a replaced sub-module, or forward hooks (this step calls no module, so no hook fires).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .model import GPT, MLP, Block, CausalSelfAttention, Dropout, gelu_tanh
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (tokens (rows,), attention mask) -> logits
+
+
+def decoding_step(model: nn.Module, cache: KVCache) -> Step:
+    """The step generate() runs over `cache`: `DecodeStep` where it computes what the model's forward would
+    (`supports`), else the forward itself, fed one token per row."""
+    if supports(model):
+        return DecodeStep(model, cache)
+    return lambda tokens, mask: model(tokens[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether this step computes exactly what `model`'s own forward would for one new token.
+
+    Only for the stock GPT in eval mode with SDPA attention (the kernel of a cached step for "auto", "sdpa" and
+    "triton" alike), built of model.py's own classes, with no forward hooks and no forward replaced on an instance
+    (except a projection's: that one is called, see `_projection`).
+    """
+    if type(model) is not GPT or model.training or model.config.attn_impl == "naive":
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for module in model.modules():
+        if type(module) not in _STOCK or module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if "forward" in vars(module) and type(module) is not nn.Linear:
+            return False
+    return True
+
+
+_STOCK = {GPT, nn.ModuleDict, nn.ModuleList, nn.Embedding, Dropout, Block, nn.LayerNorm, CausalSelfAttention, MLP,
+          nn.Linear}
+
+
+class DecodeStep:
+    """`step(tokens, attention_mask)`: next-token logits (rows, vocab) for one new token per row, into `cache`.
+
+    Built once per generate() call, after the prompt filled `cache` (and after generate() chose how the weights are
+    held): it keeps views of the weights and of each layer's cache, so it must be rebuilt if either is replaced
+    (in-place changes, such as beam search's reordering of the cache, are seen).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache) -> None:
+        t = model.transformer
+        self.cache = cache
+        self.n_head = model.config.n_head
+        self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.blocks = [(_norm(b.ln_1), _projection(b.attn.c_attn), _projection(b.attn.c_proj), _norm(b.ln_2),
+                        _projection(b.mlp.c_fc), _projection(b.mlp.c_proj), cache.kv[i])
+                       for i, b in enumerate(t.h)]
+        self.ln_f, self.head = _norm(t.ln_f), _projection(model.lm_head)
+
+    def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (rows,); attention_mask (rows, cached + 1), 0 on left padding, or None -> logits (rows, vocab)."""
+        past = self.cache.length
+        if past == self.cache.max_len:
+            raise ValueError(f"KV cache is full: {past + 1} positions needed, {past} allocated")
+        rows, nh = tokens.shape[0], self.n_head
+        if attention_mask is None:
+            x = F.embedding(tokens, self.wte) + self.wpe[past]  # (rows, C) + (C,)
+            mask = None
+        else:
+            # Positions count real tokens only and the mask hides padding, as in the module forward.
+            x = F.embedding(tokens, self.wte) + F.embedding(attention_mask.sum(-1) - 1, self.wpe)
+            mask = GPT._attention_mask(1, past, attention_mask, tokens.device, "sdpa")[0]  # (rows, 1, 1, past + 1)
+        C = x.shape[-1]
+        for ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, kv in self.blocks:  # kv: (2, rows, nh, max_len, hs)
+            qkv = c_attn(ln_1(x)).view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs)
+            kv[:, :, :, past:past + 1] = qkv[:, 1:].transpose(0, 1)  # this position's key and value, one copy
+            k, v = kv[:, :, :, :past + 1].unbind(0)  # 2 x (rows, nh, past + 1, hs)
+            y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=mask)  # q: (rows, nh, 1, hs)
+            x = x + c_proj(y.view(rows, C))  # (rows, nh, 1, hs) -> (rows, C): already in that order
+            x = x + mlp_proj(gelu_tanh(c_fc(ln_2(x))))
+        self.cache.advance(1)
+        return self.head(self.ln_f(x))
+
+
+def _projection(linear: nn.Linear) -> Fn:
+    """x (rows, in) -> linear(x) (rows, out), without nn.Module's call machinery.
+
+    A forward replaced on the instance (prepack.py's packed product) is called directly. Otherwise one addmm on the
+    transposed weight, a view made once here: F.linear would make that view again at every call, a cold operation.
+    """
+    replaced = vars(linear).get("forward")
+    if replaced is not None:
+        return replaced
+    weight_t = linear.weight.t()  # (out, in) -> (in, out), a view: no copy, and it follows in-place updates
+    if linear.bias is None:
+        return functools.partial(torch.mm, mat2=weight_t)
+    return functools.partial(torch.addmm, linear.bias, mat2=weight_t)
+
+
+def _norm(ln: nn.LayerNorm) -> Fn:
+    """x (rows, C) -> ln(x), without nn.Module's call machinery."""
+    return functools.partial(F.layer_norm, normalized_shape=ln.normalized_shape, weight=ln.weight, bias=ln.bias,
+                             eps=ln.eps)
