@@ -17,7 +17,10 @@ their layout in memory and on the number of rows:
   rows by its packed weight, and anything else (the prompt's prefill, autocast's bf16) the ordinary way. Packing
   costs a pass over the weights (about 0.15 s for gpt2) and, while decoding, memory about the size of the weights;
   the copies are freed on leaving the context, so they cannot go stale when the weights change after decoding
-  (they must not change during it).
+  (they must not change during it). Packing reads nn.Linear's output-major layout: from input-major weights it
+  would first need a transposed copy, 2-3 times the cost of the packing itself (0.3 s for gpt2) at every call. So
+  a call that packs first puts the weights back in that layout, in place, with `use_decoding_layout(model,
+  input_major=False)`: the layout follows the kind of call, and a run of calls of one kind changes it once.
 
 Either way the product is the same, summed in another order (float rounding, about 1e-7 relative). Elsewhere (bf16,
 which oneDNN multiplies fastest output-major; a GPU; a torch without MKL) the weights are left as they are.
@@ -34,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def use_decoding_layout(model: nn.Module) -> None:
-    """Lay out each fp32 CPU projection weight input-major, and any other CPU weight back to nn.Linear's layout.
+def use_decoding_layout(model: nn.Module, input_major: bool = True) -> None:
+    """Lay out each fp32 CPU projection weight input-major (or, with input_major=False, output-major as nn.Linear
+    makes it, the layout packing reads), and any other CPU weight back to nn.Linear's layout.
 
     In place and kept (a second call finds nothing to do). The tied head is included: as the embedding table it is
     then read by strided rows, a negligible cost for the handful of tokens a step embeds.
@@ -46,9 +50,10 @@ def use_decoding_layout(model: nn.Module) -> None:
             if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
                 continue
             weight = module.weight
-            if weight.dtype == torch.float32 and not weight.t().is_contiguous():
-                weight.data = weight.data.t().contiguous().t()  # (out, in) view of (in, out) storage
-            elif weight.dtype != torch.float32 and not weight.is_contiguous():
+            if weight.dtype == torch.float32 and input_major:
+                if not weight.t().is_contiguous():
+                    weight.data = weight.data.t().contiguous().t()  # (out, in) view of (in, out) storage
+            elif not weight.is_contiguous():
                 weight.data = weight.data.contiguous()
 
 

@@ -184,6 +184,7 @@ def test_generate_leaves_an_ordinary_trainable_model():
     model.generate(prompt, max_new_tokens=5, **ids)
     assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()  # input-major
     out = model.generate(prompt, num_beams=3, max_new_tokens=10, **ids)
+    assert model.lm_head.weight.is_contiguous()  # packing reads nn.Linear's layout: the weights went back to it
     assert not any("forward" in vars(m) for m in model.modules())  # every layer's own forward is back
     assert not out.is_inference() and not any(p.is_inference() for p in model.parameters())
     for (name, p), q in zip(model.named_parameters(), untouched.parameters()):
