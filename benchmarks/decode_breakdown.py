@@ -9,6 +9,8 @@ Prints, for minigpt2's cached decoding step (fp32, weights held as generate() ho
     step       the model's forward for one new token (batch 1, 64 tokens in the cache); and for 4 rows with weights
                packed as generate() packs them
     fast step  the same two with decode_step.py's module-free step, the one generate() runs
+    alternated the fast step and a pass of products over the model's own weights, taken in turn 40 times (so that
+               both see the same load and the same caches): best and median of each
     no matmul  the same step with every nn.Linear returning a ready-made result: the rest of the model
     width 96   the same step on a model of the same depth and heads but width 96: Python and dispatch alone
 
@@ -18,6 +20,7 @@ Background for docs/benchmarks.md (Generation); the comparison with transformers
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -58,6 +61,27 @@ def step_ms(model: GPT, repeats: int, past: int = 64, rows: int = 1, fast: bool 
     return best_ms(step, repeats * 10)
 
 
+def alternated(model: GPT, pairs: int = 40, past: int = 64) -> tuple[list[float], list[float]]:
+    """Seconds of the fast step and of a floor pass over the very weights it reads, timed in turn `pairs` times."""
+    cache = KVCache(model.config, 1, past + 1)
+    model(torch.randint(0, model.config.vocab_size, (1, past)), kv_cache=cache)
+    step, token = DecodeStep(model, cache), torch.tensor([5])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.ones(1, m.in_features) for m in linears]
+    steps, floors = [], []
+    for i in range(pairs + 3):  # 3 warm-up pairs
+        start = time.perf_counter()
+        step(token)
+        cache.length -= 1
+        middle = time.perf_counter()
+        for x, m in zip(inputs, linears):
+            torch.nn.functional.linear(x, m.weight, m.bias)
+        if i >= 3:
+            steps.append(middle - start)
+            floors.append(time.perf_counter() - middle)
+    return steps, floors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2")
@@ -78,6 +102,10 @@ def main() -> None:
             print(f"floor, {rows} row(s): {weight_streaming_floor(model, rows, args.repeats) * 1e3:7.2f} ms")
         print(f"step:              {step_ms(model, args.repeats):7.2f} ms")
         print(f"fast step:         {step_ms(model, args.repeats, fast=True):7.2f} ms")
+        steps, floors = alternated(model)
+        best, median = min(steps) / min(floors), statistics.median(steps) / statistics.median(floors)
+        print(f"alternated:        {min(steps) * 1e3:7.2f} ms step, {min(floors) * 1e3:.2f} ms floor (best: {best - 1:+.0%}); "
+              f"medians {statistics.median(steps) * 1e3:.2f} / {statistics.median(floors) * 1e3:.2f} ms ({median - 1:+.0%})")
         with prepacked(model, 4):
             print(f"step, 4 packed:    {step_ms(model, args.repeats, rows=4):7.2f} ms")
             print(f"fast step, 4 packed: {step_ms(model, args.repeats, rows=4, fast=True):5.2f} ms")
