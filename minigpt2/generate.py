@@ -9,7 +9,7 @@ One decoding step, for every strategy:
 
 The prompt is run once (the "prefill"), filling the KV cache; every later step feeds only the newest token, so a step
 costs one pass over the weights whatever the length. The prefill runs the model's forward; the steps run the same
-arithmetic without modules (decode_step.py), which a CPU does about 15% faster. Rows that continue the same prompt
+arithmetic without modules (decode_step.py), which a CPU runs 10-15% faster. Rows that continue the same prompt
 (beams, or several samples per prompt) share one prefill: the prompt's keys/values are copied into each of them.
 
 Batches of prompts of different lengths are left-padded, with an attention mask of 0 on the padding: every prompt
@@ -409,9 +409,10 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         else:
             # The best `candidates` of each beam, then the best among those: the same as one topk over all
             # beams * vocab scores, but rows of a 2-D topk run in parallel and one long row does not (3x faster).
-            beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), candidates)
-            cand_scores, pick = torch.topk(beam_best.view(B, beams * candidates), candidates)
-            flat = pick // candidates * vocab + beam_tokens.view(B, beams * candidates).gather(1, pick)
+            per_beam = min(candidates, vocab)
+            beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), per_beam)
+            cand_scores, pick = torch.topk(beam_best.view(B, beams * per_beam), candidates)
+            flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
         cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len))  # (B, candidates, max_len), a copy
         cand[:, :, length] = tokens

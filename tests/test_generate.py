@@ -230,6 +230,14 @@ def test_beam_search_variants(pair, settings):
     assert_same(pair, ids, mask, **settings)
 
 
+def test_beam_search_with_more_candidates_than_the_vocabulary_has(hf_checkpoint):
+    """12 beams keep 24 candidates a step, more than one beam's 16 tokens: the per-beam top-k must take them all."""
+    path = hf_checkpoint(n_layer=1, n_head=2, n_embd=32, vocab_size=16, n_positions=32)
+    pair = GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()
+    assert_same(pair, torch.tensor([[1, 2, 3]]), num_beams=12, num_return_sequences=3, max_new_tokens=6,
+                eos_token_id=None, pad_token_id=0)
+
+
 def test_beam_sampling_matches_transformers(pair):
     ids, mask = prompts(13, (5, 8))
     for seed in (0, 1):
