@@ -53,24 +53,29 @@ def decoding_step(model: nn.Module, cache: KVCache) -> Step:
 def supports(model: nn.Module) -> bool:
     """Whether this step computes exactly what `model`'s own forward would for one new token.
 
-    Only for the stock GPT in eval mode with SDPA attention (the kernel of a cached step for "auto", "sdpa" and
-    "triton" alike), built of model.py's own classes, with no forward hooks and no forward replaced on an instance
-    (except a projection's: that one is called, see `_projection`).
+    Only for the stock GPT with every module in eval mode and SDPA attention (the kernel of a cached step for "auto",
+    "sdpa" and "triton" alike), built of model.py's own classes with their own forward, with no forward hooks and no
+    forward (or head, hidden_states) replaced on an instance, except a projection's: that one is called, see
+    `_projection`.
     """
-    if type(model) is not GPT or model.training or model.config.attn_impl == "naive":
+    if type(model) is not GPT or model.config.attn_impl == "naive":
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
+    if any(name in vars(model) for name in ("head", "hidden_states", "_attention_mask")):
+        return False
     for module in model.modules():
-        if type(module) not in _STOCK or module._forward_hooks or module._forward_pre_hooks:
+        kind = type(module)
+        if kind not in _STOCK or kind.forward is not _STOCK[kind] or module.training:  # training: dropout
             return False
-        if "forward" in vars(module) and type(module) is not nn.Linear:
+        if module._forward_hooks or module._forward_pre_hooks or ("forward" in vars(module) and kind is not nn.Linear):
             return False
     return True
 
 
-_STOCK = {GPT, nn.ModuleDict, nn.ModuleList, nn.Embedding, Dropout, Block, nn.LayerNorm, CausalSelfAttention, MLP,
-          nn.Linear}
+# model.py's classes and their own forward (a forward patched on the class afterwards is not the one this mirrors).
+_STOCK = {kind: kind.forward for kind in (GPT, nn.ModuleDict, nn.ModuleList, nn.Embedding, Dropout, Block,
+                                          nn.LayerNorm, CausalSelfAttention, MLP, nn.Linear)}
 
 
 class DecodeStep:
@@ -102,7 +107,7 @@ class DecodeStep:
             mask = None
         else:
             # Positions count real tokens only and the mask hides padding, as in the module forward.
-            x = F.embedding(tokens, self.wte) + F.embedding(attention_mask.sum(-1) - 1, self.wpe)
+            x = F.embedding(tokens, self.wte) + F.embedding(attention_mask.long().sum(-1) - 1, self.wpe)
             mask = GPT._attention_mask(1, past, attention_mask, tokens.device, "sdpa")[0]  # (rows, 1, 1, past + 1)
         C = x.shape[-1]
         for ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, kv in self.blocks:  # kv: (2, rows, nh, max_len, hs)

@@ -14,6 +14,7 @@ import minigpt2.prepack as prepack
 from minigpt2 import GPT, GPTConfig
 from minigpt2.decode_step import DecodeStep, decoding_step, supports
 from minigpt2.kv_cache import KVCache
+from minigpt2.model import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,12 +86,17 @@ def test_step_equals_the_module_forward_in_bf16_and_under_autocast(pair):
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
 def test_step_multiplies_through_packed_weights(pair):
     ours, _ = pair
-    ids, mask, new = batch(padded=False)
+    ids, _, new = batch(padded=False)
+    caches = [KVCache(ours.config, 3, ids.shape[1] + 1) for _ in range(2)]
     with torch.inference_mode(), prepack.prepacked(ours, rows=3):
+        for cache in caches:
+            ours(ids, kv_cache=cache)
+        step = DecodeStep(ours, caches[0])
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            fast, module = step_both_ways(ours, ids, mask, new)
+            fast = step(new[:, 0])
+        module = ours(new[:, :1], kv_cache=caches[1])[:, -1]
     assert any(event.name == "mkl::_mkl_linear" for event in prof.events())
-    assert all(torch.equal(a, b) for a, b in zip(fast, module))
+    assert torch.equal(fast, module)
 
 
 def test_a_full_cache_is_a_clear_error(pair):
@@ -109,6 +115,12 @@ def test_the_module_forward_runs_where_the_step_would_differ():
     assert supports(model)
     assert not supports(model.train())  # dropout
     model.eval()
+    model.transformer.h[1].mlp.dropout.train()  # e.g. Monte Carlo dropout: one module in training mode is enough
+    assert not supports(model)
+    model.eval()
+    model.head = lambda hidden: -GPT.head(model, hidden)  # replaced on the instance: the step would not see it
+    assert not supports(model)
+    del model.head
     assert not supports(GPT(dataclasses.replace(config, attn_impl="naive")).eval())
 
     class Adapter(nn.Module):  # e.g. a fine-tuning adapter put in place of a block's MLP
@@ -122,6 +134,12 @@ def test_the_module_forward_runs_where_the_step_would_differ():
     swapped = GPT(config).eval()
     swapped.transformer.h[1].mlp = Adapter(swapped.transformer.h[1].mlp)
     assert not supports(swapped)
+    class_forward = MLP.forward
+    MLP.forward = lambda self, x: 2 * class_forward(self, x)  # patched on the class, after import
+    try:
+        assert not supports(model)
+    finally:
+        MLP.forward = class_forward
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
     try:
         assert not supports(model)
