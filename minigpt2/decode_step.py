@@ -10,7 +10,7 @@ caches and evicts the code and data of whatever runs next, so every operation be
 LayerNorm of 768 values costs 17 us there against 3.5 us in a loop, SDPA for one query 39 us against 16 us, and even
 a view costs 10 us. The module forward puts about 30 such operations between consecutive products (module calls,
 F.linear's transpose of the weight, splits and transposes of q/k/v, mask and position bookkeeping): measured, its
-step is 25% above the floor. This step keeps only the arithmetic, 8 to 10 operations a block, and is about 8% above.
+step is 21-25% above the floor. This step keeps only the arithmetic, about 8 operations a block, and is 7-9% above.
 
 The operations are model.py's, in its order, so the logits are the same to the bit on a CPU (the tests check it
 against the module forward, and generate() against transformers). Per step:
@@ -22,8 +22,9 @@ against the module forward, and generate() against transformers). Per step:
     logits = ln_f(x) @ wte^T                                            (rows, vocab)
 
 A projection whose weights generate() packed for several rows (prepack.py) multiplies through its packed copy.
-generate() uses the module forward instead where this step would not do the same: a model in training mode
-(dropout), attn_impl="naive", a replaced sub-module, or forward hooks (this step calls no module, so no hook fires).
+generate() uses the module forward instead where this step would not do the same: a module in training mode
+(dropout), attn_impl="naive", a replaced sub-module or forward, or forward hooks (this step calls no module, so no
+hook would fire).
 """
 
 from __future__ import annotations
