@@ -58,9 +58,11 @@ def supports(model: nn.Module) -> bool:
     Only for the stock GPT with every module in eval mode and SDPA attention (the kernel of a cached step for "auto",
     "sdpa" and "triton" alike), built of model.py's own classes with their own forward, with no forward hooks and no
     forward (or head, hidden_states) replaced on an instance, except a projection's: that one is called, see
-    `_projection`.
+    `_projection`. Not under autocast, whose products this step would not cast.
     """
-    if type(model) is not GPT or model.config.attn_impl == "naive":
+    if type(model) is not GPT or model.config.attn_impl == "naive" or model.lm_head.bias is not None:
+        return False
+    if torch.is_autocast_enabled(model.lm_head.weight.device.type):  # products in another dtype than the weights
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
@@ -84,30 +86,53 @@ class DecodeStep:
     """`step(tokens, attention_mask)`: next-token logits (rows, vocab) for one new token per row, into `cache`.
 
     Built once per generate() call, after the prompt filled `cache` (and after generate() chose how the weights are
-    held): it keeps views of the weights, so it must be rebuilt if they are replaced (in-place changes are seen).
-    The cache is read afresh at every call, so beam search's reordering of it is seen too.
+    held). It keeps views of the weights, which see in-place changes, but a copy of the biases taken here: the
+    parameters must not change while it is in use. The cache is read afresh at every call, so beam search's
+    reordering of it is seen. Not for use under autocast (`supports` sends that to the module forward).
     """
 
     def __init__(self, model: GPT, cache: KVCache) -> None:
         t = model.transformer
-        self.cache = cache
-        self.n_head = model.config.n_head
+        rows, C, nh = cache.batch_size, model.config.n_embd, model.config.n_head
+        self.cache, self.n_head, self.device_type = cache, nh, t.wte.weight.device.type
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
-        self.blocks = [(_norm(b.ln_1), _projection(b.attn.c_attn), _projection(b.attn.c_proj), _norm(b.ln_2),
-                        _projection(b.mlp.c_fc), _projection(b.mlp.c_proj)) for b in t.h]
-        self.ln_f, self.head = _norm(t.ln_f), _projection(model.lm_head)
+        # Every projection with a bias has its own place in one buffer for its output, which each step first fills
+        # with the biases, in one copy; addmm(out, x, W, out=out) then adds the product to it, which is exactly
+        # what addmm(bias, x, W) does after copying the bias itself. That was 48 small copies, each a cold
+        # operation between two products.
+        layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
+        linears = [linear for layer in layers for linear in layer]
+        self.biases = torch.cat([_bias(linear).expand(rows, -1).reshape(-1) for linear in linears])
+        self.outputs = torch.empty_like(self.biases)
+        places = iter(self.outputs.split([rows * linear.out_features for linear in linears]))
+        self.blocks = []
+        for block, (c_attn, c_proj, c_fc, mlp_proj) in zip(t.h, layers):
+            qkv, proj, fc, mlp = (next(places).view(rows, linear.out_features)
+                                  for linear in (c_attn, c_proj, c_fc, mlp_proj))
+            heads = qkv.view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs): q, k, v by head
+            self.blocks.append((_norm(block.ln_1), _projection(c_attn, qkv, result_in_out=True), heads[:, 0],
+                                heads[:, 1:], _projection(c_proj, proj), _norm(block.ln_2), _projection(c_fc, fc),
+                                _projection(mlp_proj, mlp)))
+        self.ln_f = _norm(t.ln_f)
+        # The head has no bias (`supports`): packed (prepack.py), or a product with the transposed table.
+        packed_head = vars(model.lm_head).get("forward")
+        self.head = packed_head or functools.partial(torch.mm, mat2=model.lm_head.weight.t())
 
     def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (rows,); attention_mask (rows, cached + 1), 0 on left padding, or None -> logits (rows, vocab)."""
         past = self.cache.length
         if past == self.cache.max_len:
             raise ValueError(f"KV cache is full: {past + 1} positions needed, {past} allocated")
-        rows, nh = tokens.shape[0], self.n_head
-        # Every layer's views of the cache, made here in one go rather than as cold operations between products.
+        if torch.is_autocast_enabled(self.device_type):
+            raise ValueError("DecodeStep does not follow autocast; run the model's forward under autocast instead")
+        # Everything a step needs besides the products and the arithmetic between them is made here, in one go:
+        # the views of every layer's cache, and the biases in the output buffer (see __init__).
         kv = self.cache.kv  # (n_layer, 2, rows, nh, max_len, hs)
         slots = kv.narrow(4, past, 1).transpose(1, 2).unbind(0)  # n_layer x (rows, 2, nh, 1, hs): this position
         # n_layer x (rows, nh, past + 1, hs) each: the keys and values so far, this position's included
         keys, values = (side.unbind(0) for side in kv.narrow(4, 0, past + 1).unbind(1))
+        self.outputs.copy_(self.biases)
+        rows = tokens.shape[0]
         if attention_mask is None:
             x = F.embedding(tokens, self.wte) + self.wpe[past]  # (rows, C) + (C,)
             mask = None
@@ -116,10 +141,11 @@ class DecodeStep:
             x = F.embedding(tokens, self.wte) + F.embedding(attention_mask.long().sum(-1) - 1, self.wpe)
             mask = GPT._attention_mask(1, past, attention_mask, tokens.device, "sdpa")[0]  # (rows, 1, 1, past + 1)
         C = x.shape[-1]
-        for (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj), slot, k, v in zip(self.blocks, slots, keys, values):
-            qkv = c_attn(ln_1(x)).view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs)
-            slot.copy_(qkv[:, 1:])  # this position's key and value, one copy
-            y = F.scaled_dot_product_attention(qkv[:, 0], k, v, attn_mask=mask)  # q: (rows, nh, 1, hs)
+        for (ln_1, c_attn, q, new_kv, c_proj, ln_2, c_fc, mlp_proj), slot, k, v in zip(self.blocks, slots, keys,
+                                                                                     values):
+            c_attn(ln_1(x))  # into the buffer of which q (rows, nh, 1, hs) and new_kv (rows, 2, nh, 1, hs) are views
+            slot.copy_(new_kv)  # this position's key and value, one copy
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (rows, nh, 1, hs)
             # x is this step's own tensor: adding in place spares an allocation, with the same sums.
             x += c_proj(y.view(rows, C))  # (rows, nh, 1, hs) -> (rows, C): already in that order
             x += mlp_proj(_gelu(c_fc(ln_2(x))))
@@ -127,19 +153,27 @@ class DecodeStep:
         return self.head(self.ln_f(x))
 
 
-def _projection(linear: nn.Linear) -> Fn:
-    """x (rows, in) -> linear(x) (rows, out), without nn.Module's call machinery.
+def _projection(linear: nn.Linear, out: torch.Tensor, result_in_out: bool = False) -> Fn:
+    """x (rows, in) -> linear(x) (rows, out_features), without nn.Module's call machinery, for an `out` that holds
+    the bias when it is called (see DecodeStep).
 
-    A forward replaced on the instance (prepack.py's packed product) is called directly. Otherwise one addmm on the
-    transposed weight, a view made once here: F.linear would make that view again at every call, a cold operation.
+    The product is added to `out` in place, through a view of the transposed weight made once here (F.linear would
+    make it again at every call, a cold operation). A forward replaced on the instance (prepack.py's packed
+    product) is called instead; its result is a new tensor, copied into `out` if `result_in_out`.
     """
     replaced = vars(linear).get("forward")
-    if replaced is not None:
-        return replaced
-    weight_t = linear.weight.t()  # (out, in) -> (in, out), a view: no copy, and it follows in-place updates
-    if linear.bias is None:
-        return functools.partial(torch.mm, mat2=weight_t)
-    return functools.partial(torch.addmm, linear.bias, mat2=weight_t)
+    if replaced is None:
+        return functools.partial(torch.addmm, out, mat2=linear.weight.t(), out=out)  # (out, in) -> (in, out) view
+    if result_in_out:
+        return lambda x: out.copy_(replaced(x))
+    return replaced
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    """The bias, or zeros in its place (adding a zero changes no bit of a product)."""
+    if linear.bias is not None:
+        return linear.bias.detach()
+    return linear.weight.new_zeros(linear.out_features)
 
 
 def _norm(ln: nn.LayerNorm) -> Fn:
