@@ -125,9 +125,9 @@ def main() -> None:
             if name == "greedy":
                 # A decoding step, without the prompt's prefill: (time for `new` tokens - time for 1) / (new - 1).
                 step = (best["ours"] - best["prefill"]) / (new - 1)
-                print(f"{'':<16}greedy step {step * 1e3:.1f} ms vs weight-streaming floor: averaged over {new - 1} "
-                      f"passes {best['floor_avg'] * 1e3:.1f} ms ({step / best['floor_avg'] - 1:+.0%}), best single "
-                      f"pass {best['floor'] * 1e3:.1f} ms ({step / best['floor'] - 1:+.0%})", flush=True)
+                print(f"{'':<16}greedy step {step * 1e3:.2f} ms vs weight-streaming floor: averaged over {new - 1} "
+                      f"passes {best['floor_avg'] * 1e3:.2f} ms ({step / best['floor_avg'] - 1:+.1%}), best single "
+                      f"pass {best['floor'] * 1e3:.2f} ms ({step / best['floor'] - 1:+.1%})", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ caches and evicts the code and data of whatever runs next, so every operation be
 LayerNorm of 768 values costs 17 us there against 3.5 us in a loop, SDPA for one query 39 us against 16 us, and even
 a view costs 10 us. The module forward puts about 30 such operations between consecutive products (module calls,
 F.linear's transpose of the weight, splits and transposes of q/k/v, mask and position bookkeeping): measured, its
-step is 21-25% above the floor. This step keeps only the arithmetic, about 8 operations a block (every view of
-the cache it needs is made once per step, before the first product), and is 6-8% above.
+step is 21-25% above the floor. This step keeps only the arithmetic, about 8 operations a block, and does the rest
+in bulk before the first product: the views of every layer's cache, and the biases, copied in one go into the
+buffer where the products then land. It is 4-8% above the floor.
 
 The operations are model.py's, in its order, so the logits are the same to the bit on a CPU (the tests check it
 against the module forward, and generate() against transformers). Per step:
@@ -24,8 +25,8 @@ against the module forward, and generate() against transformers). Per step:
 
 A projection whose weights generate() packed for several rows (prepack.py) multiplies through its packed copy.
 generate() uses the module forward instead where this step would not do the same: a module in training mode
-(dropout), attn_impl="naive", a replaced sub-module or forward, or forward hooks (this step calls no module, so no
-hook would fire).
+(dropout), attn_impl="naive", a replaced sub-module or forward, forward hooks (this step calls no module, so no
+hook would fire), or autocast.
 """
 
 from __future__ import annotations
