@@ -12,7 +12,8 @@ a view costs 10 us. The module forward puts about 30 such operations between con
 F.linear's transpose of the weight, splits and transposes of q/k/v, mask and position bookkeeping): measured, its
 step is 21-25% above the floor. This step keeps only the arithmetic, about 8 operations a block, and does the rest
 in bulk before the first product: the views of every layer's cache, and the biases, copied in one go into the
-buffer where the products then land. It is 4-8% above the floor.
+buffer where the products then land (packed products, for several rows, make their own output instead). It is
+4-8% above the floor.
 
 The operations are model.py's, in its order, so the logits are the same to the bit on a CPU (the tests check it
 against the module forward, and generate() against transformers). Per step:
@@ -87,7 +88,7 @@ class DecodeStep:
     """`step(tokens, attention_mask)`: next-token logits (rows, vocab) for one new token per row, into `cache`.
 
     Built once per generate() call, after the prompt filled `cache` (and after generate() chose how the weights are
-    held). It keeps views of the weights, which see in-place changes, but a copy of the biases taken here: the
+    held). It keeps views of the weights (or their packed copies) and a copy of the biases taken here: the
     parameters must not change while it is in use. The cache is read afresh at every call, so beam search's
     reordering of it is seen. Not for use under autocast (`supports` sends that to the module forward).
     """
@@ -95,21 +96,30 @@ class DecodeStep:
     def __init__(self, model: GPT, cache: KVCache) -> None:
         t = model.transformer
         rows, C, nh = cache.batch_size, model.config.n_embd, model.config.n_head
-        self.cache, self.n_head, self.device_type = cache, nh, t.wte.weight.device.type
+        self.cache, self.rows, self.device_type = cache, rows, t.wte.weight.device.type
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
-        # Every projection with a bias has its own place in one buffer for its output, which each step first fills
-        # with the biases, in one copy; addmm(out, x, W, out=out) then adds the product to it, which is exactly
-        # what addmm(bias, x, W) does after copying the bias itself. That was 48 small copies, each a cold
-        # operation between two products.
+        # Every projection has its own place for its output in one buffer, which each step first fills with all the
+        # biases (zeros where there is none) in one copy; addmm(out, x, W.t(), out=out) then adds the product to
+        # it, as addmm(bias, x, W.t()) does after copying the bias into its fresh output itself. That was 48 small
+        # copies, each a cold operation between two products. Each place starts on a 64-byte boundary, as a fresh
+        # tensor does: MKL's one-row product sums in another order into an unaligned output (other bits).
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         linears = [linear for layer in layers for linear in layer]
-        self.biases = torch.cat([_bias(linear).expand(rows, -1).reshape(-1) for linear in linears])
+        align = max(1, 64 // t.wte.weight.element_size())  # elements per 64 bytes
+        starts, end = [], 0
+        for linear in linears:
+            starts.append(-(-end // align) * align)  # end rounded up to a multiple of `align`
+            end = starts[-1] + rows * linear.out_features
+        self.biases = t.wte.weight.new_zeros(end)
         self.outputs = torch.empty_like(self.biases)
-        places = iter(self.outputs.split([rows * linear.out_features for linear in linears]))
+        places = []
+        for linear, start in zip(linears, starts):
+            self.biases[start:start + rows * linear.out_features].view(rows, -1).copy_(_bias(linear))  # (rows, out)
+            places.append(self.outputs[start:start + rows * linear.out_features].view(rows, -1))
+        places = iter(places)
         self.blocks = []
         for block, (c_attn, c_proj, c_fc, mlp_proj) in zip(t.h, layers):
-            qkv, proj, fc, mlp = (next(places).view(rows, linear.out_features)
-                                  for linear in (c_attn, c_proj, c_fc, mlp_proj))
+            qkv, proj, fc, mlp = (next(places) for _ in range(4))
             heads = qkv.view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs): q, k, v by head
             self.blocks.append((_norm(block.ln_1), _projection(c_attn, qkv, result_in_out=True), heads[:, 0],
                                 heads[:, 1:], _projection(c_proj, proj), _norm(block.ln_2), _projection(c_fc, fc),
@@ -126,6 +136,9 @@ class DecodeStep:
             raise ValueError(f"KV cache is full: {past + 1} positions needed, {past} allocated")
         if torch.is_autocast_enabled(self.device_type):
             raise ValueError("DecodeStep does not follow autocast; run the model's forward under autocast instead")
+        if tokens.shape != (self.rows,):
+            raise ValueError(f"DecodeStep takes one token for each of the cache's {self.rows} rows, got tokens of "
+                             f"shape {tuple(tokens.shape)}")
         # Everything a step needs besides the products and the arithmetic between them is made here, in one go:
         # the views of every layer's cache, and the biases in the output buffer (see __init__).
         kv = self.cache.kv  # (n_layer, 2, rows, nh, max_len, hs)
@@ -133,7 +146,7 @@ class DecodeStep:
         # n_layer x (rows, nh, past + 1, hs) each: the keys and values so far, this position's included
         keys, values = (side.unbind(0) for side in kv.narrow(4, 0, past + 1).unbind(1))
         self.outputs.copy_(self.biases)
-        rows = tokens.shape[0]
+        rows = self.rows
         if attention_mask is None:
             x = F.embedding(tokens, self.wte) + self.wpe[past]  # (rows, C) + (C,)
             mask = None

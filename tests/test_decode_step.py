@@ -174,3 +174,27 @@ def test_generate_uses_the_step_and_matches_the_module_forward(pair, monkeypatch
     monkeypatch.setattr("minigpt2.decode_step.supports", lambda model: False)
     assert torch.equal(fast, ours.generate(ids, **settings))
     assert len(calls) == 5
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_step_equals_the_module_forward_for_widths_that_leave_outputs_unaligned(rows):
+    # Widths of 200 put most projections' outputs at offsets that are not multiples of 16 floats in a packed
+    # buffer; MKL's one-row product (input-major weights, as generate() holds them for one row) then rounds
+    # differently. Each output's place in DecodeStep's buffer must start on a 64-byte boundary, like a fresh tensor.
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=200, vocab_size=500, n_positions=32)
+    model = GPT(config).eval()
+    prepack.use_decoding_layout(model)
+    ids = torch.randint(0, 500, (rows, 5))
+    caches = [KVCache(config, rows, 8) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, kv_cache=cache)
+        step = DecodeStep(model, caches[0])
+        with pytest.raises(ValueError, match="one token for each of the cache's"):
+            step(torch.tensor([1] * (rows + 1)))
+        for token in (7, 11, 13):
+            fast = step(torch.full((rows,), token))
+            module = model(torch.full((rows, 1), token), kv_cache=caches[1])[:, -1]
+            assert torch.equal(fast, module)
+    assert torch.equal(caches[0].kv, caches[1].kv)
