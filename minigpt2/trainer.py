@@ -58,6 +58,7 @@ from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
 from .schedule import LRSchedule
 from .train_config import TrainConfig
+from .tied_gradients import TiedGradient
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 # The bundled corpus is built on first use: in <repo>/data/pydocs when running from a source checkout (where
@@ -302,12 +303,10 @@ class Trainer:
     def _wrap_model(self, model: GPT) -> torch.nn.Module:
         cfg = self.config
         model.gradient_checkpointing = cfg.gradient_checkpointing
-        if not cfg.compile and not self.dist.enabled:
-            # The token embedding's gradient as sparse rows: the tied head already produces a dense gradient for
-            # the same matrix, and adding the few rows a batch touched into it is far cheaper than building a second
-            # dense vocab x n_embd gradient and adding that (about 3% of a CPU step for gpt2). compile and DDP's
-            # gradient buckets want dense gradients, so they keep the plain path.
-            model.transformer.wte.sparse = True
+        # The tied table's gradient accumulated in place (tied_gradients.py: about 10% of a CPU fp32 step for
+        # gpt2); compile and DDP's gradient buckets need autograd to produce it, so they keep the plain path.
+        tied = model.lm_head.weight is model.transformer.wte.weight
+        self.tied_gradient = TiedGradient(model) if tied and not cfg.compile and not self.dist.enabled else None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -403,16 +402,18 @@ class Trainer:
         x, y = self.loader.next_batch()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), device=self.device)
-        for i in range(cfg.grad_accum):
-            rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
-            last = i == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
-            with sync:
-                with self._autocast():
-                    loss = lm_loss(self.model(x[rows]), y[rows])
-                loss_sum += loss.detach()
-                scaled = loss / cfg.grad_accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        tied = self.tied_gradient.active() if self.tied_gradient is not None else contextlib.nullcontext()
+        with tied:
+            for i in range(cfg.grad_accum):
+                rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+                last = i == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+                with sync:
+                    with self._autocast():
+                        loss = lm_loss(self.model(x[rows]), y[rows])
+                    loss_sum += loss.detach()
+                    scaled = loss / cfg.grad_accum
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         # One small all-reduce carries both the loss for logging and the stop flag, so that all processes agree.
         shared = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(self._stop_signal is not None),
                                                                         device=self.device)])
