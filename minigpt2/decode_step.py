@@ -106,20 +106,20 @@ class DecodeStep:
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         linears = [linear for layer in layers for linear in layer]
         align = max(1, 64 // t.wte.weight.element_size())  # elements per 64 bytes
-        starts, end = [], 0
+        bounds, end = [], 0
         for linear in linears:
-            starts.append(-(-end // align) * align)  # end rounded up to a multiple of `align`
-            end = starts[-1] + rows * linear.out_features
+            start = -(-end // align) * align  # the previous place's end, rounded up to a multiple of `align`
+            end = start + rows * linear.out_features
+            bounds.append((start, end))
         self.biases = t.wte.weight.new_zeros(end)
         self.outputs = torch.empty_like(self.biases)
         places = []
-        for linear, start in zip(linears, starts):
-            self.biases[start:start + rows * linear.out_features].view(rows, -1).copy_(_bias(linear))  # (rows, out)
-            places.append(self.outputs[start:start + rows * linear.out_features].view(rows, -1))
-        places = iter(places)
+        for linear, (start, end) in zip(linears, bounds):
+            self.biases[start:end].view(rows, -1).copy_(_bias(linear))  # (rows, out) <- (out,)
+            places.append(self.outputs[start:end].view(rows, -1))
         self.blocks = []
-        for block, (c_attn, c_proj, c_fc, mlp_proj) in zip(t.h, layers):
-            qkv, proj, fc, mlp = (next(places) for _ in range(4))
+        for i, (block, (c_attn, c_proj, c_fc, mlp_proj)) in enumerate(zip(t.h, layers)):
+            qkv, proj, fc, mlp = places[4 * i:4 * i + 4]
             heads = qkv.view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs): q, k, v by head
             self.blocks.append((_norm(block.ln_1), _projection(c_attn, qkv, result_in_out=True), heads[:, 0],
                                 heads[:, 1:], _projection(c_proj, proj), _norm(block.ln_2), _projection(c_fc, fc),
