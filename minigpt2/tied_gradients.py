@@ -40,11 +40,16 @@ from torch.autograd.function import once_differentiable
 from .model import GPT
 
 
+def is_tied(model: GPT) -> bool:
+    """Whether the head and the token embedding share one weight (GPT-2's own models always do)."""
+    return model.lm_head.weight is model.transformer.wte.weight
+
+
 class TiedGradient:
     """Accumulates the gradient of `model`'s tied table (wte = lm_head) by hand; see the module docstring."""
 
     def __init__(self, model: GPT) -> None:
-        if model.lm_head.weight is not model.transformer.wte.weight:
+        if not is_tied(model):
             raise ValueError("TiedGradient needs the head tied to the token embedding (the same weight)")
         self.embedding, self.head = model.transformer.wte, model.lm_head
         self.weight = model.lm_head.weight

@@ -58,7 +58,7 @@ from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
 from .schedule import LRSchedule
 from .train_config import TrainConfig
-from .tied_gradients import TiedGradient
+from .tied_gradients import TiedGradient, is_tied
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 # The bundled corpus is built on first use: in <repo>/data/pydocs when running from a source checkout (where
@@ -305,8 +305,8 @@ class Trainer:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         # The tied table's gradient accumulated in place (tied_gradients.py: about 10% of a CPU fp32 step for
         # gpt2); compile and DDP's gradient buckets need autograd to produce it, so they keep the plain path.
-        tied = model.lm_head.weight is model.transformer.wte.weight
-        self.tied_gradient = TiedGradient(model) if tied and not cfg.compile and not self.dist.enabled else None
+        plain = cfg.compile or self.dist.enabled or not is_tied(model)
+        self.tied_gradient = None if plain else TiedGradient(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
