@@ -26,7 +26,8 @@ from tqdm import tqdm
 from minigpt2 import GPT, Tokenizer
 from minigpt2.cli import add_flag, make_parser, parse_bool, run_main
 from minigpt2.errors import ConfigError, DataError
-from minigpt2.generate import stream_generate
+from minigpt2.evaluate import resolve_device
+from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig
 from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "stream", action="store_true", help="print the text as it is generated")
     add_flag(parser, "strategy", choices=list(STRATEGIES), help="a named preset of generation settings")
     add_flag(parser, "compare", action="store_true", help="run every --strategy on the prompt, side by side")
-    add_flag(parser, "device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_flag(parser, "device", default="auto", help="cpu, cuda, cuda:N, or auto: the GPU if there is one")
     hints = typing.get_type_hints(GenerationConfig)
     for field in dataclasses.fields(GenerationConfig):
         options = SPECIAL_PARSERS.get(field.name)
@@ -120,6 +121,13 @@ def continuation(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return tokens[:ends[0]] if ends else tokens
 
 
+def shown_text(tok: Tokenizer, tokens: Sequence[int], config: GenerationConfig) -> str:
+    """The text of a `continuation` as --stream prints it: generation stops on the token that completes a stop
+    string, which may run past it; the text ends just before the stop string."""
+    stream = TextStream(tok, config.stop_strings or [])
+    return "".join(stream.push(token) for token in tokens) + stream.finish()
+
+
 def run_strategy(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, config: GenerationConfig,
                  seed: int | None) -> list[list[int]]:
     """The continuations (token lists) of one prompt, with a progress bar over the new tokens."""
@@ -144,7 +152,7 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
         shown = ", ".join(f"{k}={v}" for k, v in preset.items())
         print(f"=== {name} ({shown}) ===")
         for tokens in texts:
-            print(tok.decode(tokens).strip() or "(nothing)")
+            print(shown_text(tok, tokens, config).strip() or "(nothing)")
             print()
         prompt = prompt_ids[0].tolist()
         rows.append((name, len(texts), distinct_n(texts, 1), distinct_n(texts, 2),
@@ -171,13 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--stream prints one sequence as it grows: it does not combine with beam search "
                           "(--num_beams > 1), --num_samples > 1 or --compare")
 
-    model = GPT.from_pretrained(args.model).to(args.device)
+    device = resolve_device(args.device)
+    model = GPT.from_pretrained(args.model).to(device)
     tok = Tokenizer()
-    prompt_ids = torch.tensor([tok.encode(prompt)], device=args.device)
+    prompt_ids = torch.tensor([tok.encode(prompt)], device=device)
     if args.compare:
         compare(model, tok, prompt_ids, settings, samples or 1, args.seed)
     elif args.stream:
-        generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+        generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
         print(prompt, end="", flush=True)
         for piece in stream_generate(model, prompt_ids, generation_config=config, generator=generator,
                                      tokenizer=tok):
@@ -188,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, tokens in enumerate(texts):
             if len(texts) > 1:
                 print(f"=== sample {i + 1}/{len(texts)} ===")
-            print(prompt + tok.decode(tokens))
+            print(prompt + shown_text(tok, tokens, config))
     return 0
 
 

@@ -246,7 +246,9 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     if attention_mask is not None:
         mask = torch.ones(rows, T + new, dtype=torch.long, device=input_ids.device)
         mask[:, :T] = attention_mask.repeat_interleave(rows_per_prompt, dim=0)
-        padding = (mask[:, :T] == 0).sum(1)  # left padding: the zeros are the first columns
+        # Left padding: the zeros before a row's first 1. A 0 after it (a masked-out token inside the prompt) is
+        # still text to the repetition penalty, as in transformers.
+        padding = (mask[:, :T].cumsum(1) == 0).sum(1)
     eos = torch.tensor(config.eos_ids, device=input_ids.device) if config.eos_ids else None
     processors = build_processors(config, prompt_length=T, prompt_padding=padding, device=input_ids.device)
     return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)

@@ -270,6 +270,19 @@ def test_mask_inferred_from_pad_token_id_like_transformers(pair):
     assert_same(pair, ids, max_new_tokens=8, pad_token_id=pad)
 
 
+def test_repetition_penalty_counts_only_leading_zeros_of_the_mask_as_padding(hf_checkpoint):
+    """A 0 inside a prompt masks that token from attention, but the tokens before it are still text that
+    transformers penalises: only the zeros before a row's first 1 are padding. (16 tokens: each prompt holds
+    several of the likely next ones, so penalising one more or one fewer changes the output.)"""
+    path = hf_checkpoint(n_layer=1, n_head=2, n_embd=32, vocab_size=16, n_positions=32)
+    pair = GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()
+    ids = torch.randint(0, 16, (6, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for row in range(6):
+        mask[row, 1:2 + row % 3] = 0  # holes after a first real token
+    assert_same(pair, ids, mask, max_new_tokens=6, repetition_penalty=3.0, eos_token_id=None, pad_token_id=0)
+
+
 def test_cached_steps_equal_uncached_logits_with_beam_reordering(pair):
     ours, _ = pair
     ids, mask = prompts(16, (5, 9, 9))

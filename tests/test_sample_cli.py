@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import GPT2LMHeadModel
+
 from minigpt2 import GPT, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,21 @@ def test_stream_prints_the_same_text(model_dir, capsys):
     assert run(args, capsys)[1] == run([*args, "--stream"], capsys)[1]
 
 
+def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys):
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode("Once")])
+    with torch.no_grad():
+        free = GPT2LMHeadModel.from_pretrained(model_dir).generate(ids, attention_mask=torch.ones_like(ids),
+                                                                   max_new_tokens=12, do_sample=False,
+                                                                   eos_token_id=None, pad_token_id=0)
+    text = tok.decode(free[0, 1:].tolist())
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # ends inside a token, most likely: that token is cut
+    expected = "Once" + text[:text.find(stop)] + "\n"
+    args = ["--model", model_dir, "--prompt", "Once", "--max_new_tokens", 12, "--eos_token_id", "none", "--stop", stop]
+    assert run(args, capsys)[1] == expected
+    assert run([*args, "--stream"], capsys)[1] == expected
+
+
 def test_seeded_samples_are_reproducible(model_dir, capsys, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("It was a dark", encoding="utf-8")
@@ -86,6 +103,7 @@ def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
     ([], "no prompt"),
     (["--prompt", "x", "--max_new_tokens", "500"], "context"),
     (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
+    (["--prompt", "x", "--device", "gpu0"], "--device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
     argv = [a.format(missing=tmp_path / "missing") for a in argv]
