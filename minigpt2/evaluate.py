@@ -208,8 +208,8 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
 
 
 def _read_utf8(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a leading byte order mark (Windows editors write one) is not text, as in data/prepare.py
+        return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
     except OSError as exc:

@@ -30,15 +30,29 @@ from .model import GPT
 OFFICIAL = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json")
+# What a Hub download fetches (glob patterns): a large checkpoint is sharded into model-00001-of-00002.safetensors ...
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                    "model-*-of-*.safetensors")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def hub_repo_id(name: str) -> str | None:
-    """The Hub repository for `name` (`gpt2` -> `openai-community/gpt2`), or None if it is not a Hub id."""
+    """The Hub repository for `name` (`gpt2` -> `openai-community/gpt2`), or None if it is not a Hub id.
+
+    An `owner/name` must also pass the Hub's own naming rules, so that a relative path such as `./ckpt` or
+    `../runs/x` that does not exist is reported as a missing directory, not sent to the Hub.
+    """
     if name in OFFICIAL:
         return f"openai-community/{name}"
-    return name if _REPO_ID.match(name) else None
+    if not _REPO_ID.match(name):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:

@@ -147,7 +147,10 @@ def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True) -> P
     HTML stripping is off: docstrings about markup, and doctests' `<BLANKLINE>`, are text here.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, or a folder we may not write to
+        raise DataError(f"cannot create output folder {out} ({exc.strerror}); choose another --out") from None
     write_documents(out / DOCUMENTS_FILE, progress=progress)
     prepare_dataset(out / DOCUMENTS_FILE, out, strip_html=False, progress=progress)
     return out

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluate import evaluating, perplexity
 from .generation_config import STRATEGIES, GenerationConfig
 from .model import GPT
@@ -67,6 +67,8 @@ def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, promp
     Documents start after `<|endoftext|>`. With fewer documents than prompts (one long text), the prompts start at
     evenly spaced positions instead. A prompt never crosses a document boundary; duplicates are dropped.
     """
+    if num_prompts < 1:
+        raise ConfigError(f"num_prompts={num_prompts} must be at least 1 (or pass prompts)")
     tokens = np.asarray(val_tokens)
     doc_starts = np.flatnonzero(tokens[:-1] == EOT_ID) + 1
     if len(doc_starts) >= num_prompts:
@@ -140,6 +142,11 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
             raise DataError("prompts must be a non-empty list of non-empty texts")
     else:
         encoded = draw_prompts(val_tokens, num_prompts, prompt_tokens)
+    out = Path(out_dir)
+    try:  # before the work, not after it
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the report folder {out} ({exc.strerror}); choose another --out") from None
 
     context = context or min(base.config.n_positions, finetuned.config.n_positions)
     models = {base_name: base, finetuned_name: finetuned}
@@ -152,8 +159,6 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
 
     report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
                      max_new_tokens, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = out / "report.html", out / "report.md"
     for path, text in zip(paths, (report.html(), report.markdown())):
         tmp = path.with_name(f".{path.name}.tmp")

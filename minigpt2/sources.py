@@ -79,7 +79,10 @@ class Source:
         self.is_folder = self.path.is_dir()
         self.files = []
         for file in _list_files(self.path):
-            stat = file.stat()
+            try:
+                stat = file.stat()
+            except OSError as exc:  # e.g. a symbolic link to a file that is gone
+                raise _unreadable(file, exc) from None
             name = file.relative_to(self.path).as_posix() if self.is_folder else file.name
             self.files.append(SourceFile(file, name, stat.st_size, stat.st_mtime_ns))
         self.bytes_read = 0  # grows as documents are streamed: drives the progress bar
@@ -142,19 +145,25 @@ class Source:
         """
         digest = hashlib.sha256()
         offset = 0
-        with open(file.path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                digest.update(raw)
-                yield number, self._decode(raw, file, offset)
-                offset += len(raw)
-                self.bytes_read += len(raw)
+        try:
+            with open(file.path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    digest.update(raw)
+                    yield number, self._decode(raw, file, offset)
+                    offset += len(raw)
+                    self.bytes_read += len(raw)
+        except OSError as exc:
+            raise _unreadable(file.path, exc) from None
         file.sha256 = digest.hexdigest()
 
     # -- one reader per format ------------------------------------------------------------------------------------
 
     def _whole_file(self, file: SourceFile) -> Iterator[str]:
         # The file is one document, and a document has to fit in memory for tokenisation anyway.
-        raw = file.path.read_bytes()
+        try:
+            raw = file.path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(file.path, exc) from None
         file.sha256 = hashlib.sha256(raw).hexdigest()
         self.bytes_read += len(raw)
         yield self._decode(raw, file, 0)
@@ -304,6 +313,12 @@ class Source:
             text, count = _SURROGATE.subn("\ufffd", text)
             file.replaced += count
         return text
+
+
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    """A read error on an input file, named as such: an OSError left alone would be taken for a failed write."""
+    return DataError(f"{path}: cannot be read ({exc.strerror or exc}); check that it exists and is readable, or "
+                     "remove it from the input")
 
 
 def _list_files(path: Path) -> list[Path]:

@@ -174,6 +174,26 @@ def test_bad_records_name_file_line_and_fix(tmp_path, name, content, options, me
         list(Source(path, **options).documents())
 
 
+def test_unreadable_input_is_a_read_error_not_a_write_error(tmp_path, monkeypatch):
+    """An input that cannot be read (here: permission denied, as for a non-root user, or deleted mid-run) is named
+    as the input; an OSError left to escape would be reported as a failed write to --out, or as a traceback."""
+    locked = write(tmp_path / "locked.txt", "alpha\n\nbeta\n")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "open", denied, raising=False)
+    with pytest.raises(DataError, match=r"locked\.txt: cannot be read \(Permission denied\)"):
+        prepare_dataset(locked, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    gone = write(tmp_path / "gone.md", "text")
+    source = Source(gone)
+    gone.unlink()
+    with pytest.raises(DataError, match=r"gone\.md: cannot be read \(No such file or directory\)"):
+        list(source.documents())
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_utf8_can_be_replaced_and_counted(tmp_path):
     source = write(tmp_path / "latin.txt", b"caf\xe9 cr\xe8me \xef\xbf\xbd kept\n\nsecond\n")
     meta = prepare_dataset(source, tmp_path / "out", errors="replace", progress=False)
@@ -412,7 +432,9 @@ def cli_runs(tmp_path_factory):
         "CSV without column": (write(tmp / "nocol.csv", "title,body\nx,y\n"), []),
         "invalid UTF-8": (write(tmp / "latin.txt", b"na\xefve\n"), []),
         "unwritable output": (good, ["--out", str(good / "sub")]),
+        "dangling link in folder": (write(tmp / "linked" / "a.txt", "fine").parent, []),
     }
+    (tmp / "linked" / "gone.txt").symlink_to(tmp / "deleted.txt")
     processes = {}
     for case, (source, extra) in inputs.items():
         out = tmp / f"out-{len(processes)}"
@@ -443,6 +465,7 @@ def cli_runs(tmp_path_factory):
     ("CSV without column", ["nocol.csv: no column 'text'", "--csv-column NAME"]),
     ("invalid UTF-8", ["latin.txt: invalid UTF-8 byte b'\\xef' at byte offset 2", "--errors replace"]),
     ("unwritable output", ["good.txt is a file, not a folder", "choose another --out"]),
+    ("dangling link in folder", ["gone.txt: cannot be read (No such file or directory)", "remove it from the input"]),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli_runs, case, expected):
     results, baseline, tmp = cli_runs
@@ -466,9 +489,13 @@ def test_cli_prepares_and_summarises(cli_runs):
 
 def test_cli_in_process_usage_errors(tmp_path, capsys):
     single = write(tmp_path / "one.txt", "just one paragraph\nover two lines\n")
+    two = [str(write(tmp_path / "two.txt", "first\n\nsecond\n")), "--out", str(tmp_path / "o")]
     for argv, message in [([str(single), "--out", str(tmp_path / "o")], "has a single document"),
                           ([str(single)], "--out DIR is required"),
-                          ([str(single), "--out", str(tmp_path / "o"), "--val-fraction", "0"], "val_fraction")]:
+                          (two + ["--val-fraction", "0"], "val_fraction"),
+                          (two + ["--seed", "-1"], "seed must be a non-negative integer"),  # numpy's ValueError
+                          (two + ["--workers", "-1"], "workers must be at least 1"),  # ThreadPoolExecutor's
+                          (["--out", str(single)], "cannot create output folder")]:  # the pydocs corpus
         with pytest.raises(SystemExit) as exit_info:
             run_main(main, argv)
         assert exit_info.value.code == 2

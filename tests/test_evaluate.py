@@ -155,6 +155,14 @@ def test_folder_is_documents_joined_by_endoftext(tmp_path):
     assert loaded.n_bytes == len("first é".encode()) + len(b"second")
 
 
+def test_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 file saved with a BOM evaluates like the same file without one (data/prepare.py drops it too)."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "caf\u00e9 au lait".encode())
+    loaded = load_eval_text(tmp_path / "bom.txt")
+    assert loaded.tokens.tolist() == Tokenizer().encode("caf\u00e9 au lait")
+    assert loaded.n_bytes == len("caf\u00e9 au lait".encode())
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "minigpt2.evaluate", *args], capture_output=True, text=True,
                           timeout=120)
@@ -200,6 +208,10 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
                                   str(ok)], "--out"),
         "unknown strategy": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
                               str(ok), "--out", str(tmp_path / "r"), "--strategies", "greedy,nope"], "'nope'"),
+        "report --out is a file": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
+                                    str(ok), "--out", str(ok), "--max_new_tokens", "8"], "cannot create the report"),
+        "no prompts to draw": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
+                                str(ok), "--out", str(tmp_path / "r"), "--num_prompts", "0"], "num_prompts=0"),
     }
 
 

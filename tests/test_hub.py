@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt2 import GPT, CheckpointError, GPTConfig
-from minigpt2.hub import TRANSPOSED
+from minigpt2.hub import CHECKPOINT_FILES, TRANSPOSED
 
 
 def logits_of(model, seed=0, T=24):
@@ -65,6 +66,39 @@ def test_original_openai_layout_loads(hf_checkpoint, tmp_path):
     assert torch.equal(logits_of(GPT.from_pretrained(tmp_path))[1], expected)
 
 
+@pytest.mark.parametrize("dtype, shard", [(torch.float32, "40KB"), (torch.float16, None), (torch.bfloat16, "40KB")])
+def test_sharded_and_half_precision_checkpoints(tmp_path, dtype, shard):
+    """Odd widths (head size 8, n_inner not 4 * n_embd), fp16/bf16 weights, and shards: only the files a Hub download
+    keeps (huggingface_hub's own filter over CHECKPOINT_FILES) are left, and the logits equal transformers'."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=5, n_embd=40, n_inner=72, vocab_size=300, n_positions=32,
+                                     initializer_range=0.2, bos_token_id=0, eos_token_id=0)).to(dtype).eval()
+    ref.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    fetched = set(filter_repo_objects(written, allow_patterns=list(CHECKPOINT_FILES)))
+    for name in set(written) - fetched:
+        (tmp_path / name).unlink()
+    if shard:
+        shards = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        assert len(shards) > 1 and shards <= fetched
+    x, logits = logits_of(GPT.from_pretrained(tmp_path))
+    with torch.no_grad():
+        expected = ref.float()(x).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("setting", [dict(scale_attn_by_inverse_layer_idx=True), dict(reorder_and_upcast_attn=True),
+                                     dict(activation_function="relu"), dict(activation_function="gelu"),
+                                     dict(scale_attn_weights=False), dict(tie_word_embeddings=False)])
+def test_variants_we_do_not_implement_are_refused(tmp_path, setting):
+    """Each of these changes transformers' logits; loading one as plain GPT-2 would silently compute another model."""
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=16, bos_token_id=0,
+                               eos_token_id=0, **setting)).save_pretrained(tmp_path)
+    [(key, value)] = setting.items()
+    with pytest.raises(CheckpointError, match=rf"config\.json: {key}={value!r} is not supported"):
+        GPT.from_pretrained(tmp_path)
+
+
 def test_weights_use_conv1d_layout_on_disk(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=16))
@@ -111,9 +145,13 @@ def test_config_and_weights_mismatch(broken_dir):
         GPT.from_pretrained(broken_dir)
 
 
-def test_not_a_directory_nor_hub_id(tmp_path):
+@pytest.mark.parametrize("name", ["{tmp}/nope/deeper/x", "./nope", "../nope", "a--b/c", "runs/ckpt."])
+def test_not_a_directory_nor_hub_id(tmp_path, monkeypatch, name):
+    """Names that the Hub's own rules reject are missing directories, not Hub lookups (which would raise
+    huggingface_hub's HFValidationError with a traceback)."""
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint directory, and not a Hub id"):
-        GPT.from_pretrained(str(tmp_path / "nope" / "deeper" / "x"))
+        GPT.from_pretrained(name.format(tmp=tmp_path))
 
 
 HUB_SCRIPT = textwrap.dedent("""
