@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check the project has, in one run, for a session that is lent a CUDA GPU for a few minutes:
+#   1. the Triton kernel's tests on the GPU (tests/test_kernels.py picks CUDA when it is there),
+#   2. benchmarks/attention.py: the kernel's TFLOP/s against SDPA's flash backend, T = 1024 and 2048,
+#   3. benchmarks/train.py: gpt2 124M training steps, bf16, compiled, batch 16 x 1024, against transformers,
+#      and MFU against the card's bf16 peak (dropout 0, the usual setting for MFU figures).
+# Each part's output goes to its own log in $OUT (or ./gpu-logs), written as it runs, so a part cut short by a
+# time limit still leaves what it printed; a failing part does not stop the others. The exit status counts the
+# parts that failed. It runs on the machine's own python3 and packages (torch, triton, transformers); minigpt2
+# is used from this checkout.
+#
+#   bash benchmarks/gpu.sh            all three (about 8 minutes on an H200, most of it compiling)
+#   bash benchmarks/gpu.sh tests attention    some of them
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-logs}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests attention train)
+
+run() {  # run NAME SECONDS COMMAND...: COMMAND's output to the screen and to $out/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name: $*" | tee "$out/$name.log"
+    timeout "$seconds" "$@" 2>&1 | tee -a "$out/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "== $name exited $status" | tee -a "$out/$name.log"
+    return "$status"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.log"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__,
+'| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | tee -a "$out/device.log"
+
+failed=0
+for part in "${parts[@]}"; do
+    case "$part" in
+        tests) run tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py || failed=$((failed + 1)) ;;
+        attention) run attention 180 python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
+        train) run train 300 python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 --compile \
+                   --dropout 0 --skip_classic --steps 10 --warmup 3 || failed=$((failed + 1)) ;;
+        *) echo "benchmarks/gpu.sh: unknown part '$part' (tests, attention, train)" >&2; exit 2 ;;
+    esac
+done
+echo "benchmarks/gpu.sh: ${#parts[@]} parts, $failed failed; logs in $out/"
+exit "$failed"
