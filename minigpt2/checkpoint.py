@@ -150,9 +150,14 @@ def read_saved_config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def prune_checkpoints(out_dir: str | os.PathLike[str], keep_last: int, protect: Path | None = None) -> None:
-    """Delete all but the `keep_last` newest checkpoints, never `protect` (the best one)."""
+    """Delete all but the `keep_last` (at least 1) newest checkpoints, never `protect` (the best one).
+
+    The newest always stays: it is what a stopped run resumes from.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     checkpoints = list_checkpoints(out_dir)
-    doomed = checkpoints[:-keep_last] if keep_last > 0 else checkpoints
+    doomed = checkpoints[:-keep_last]
     for path in doomed:
         if protect is None or path.resolve() != Path(protect).resolve():
             shutil.rmtree(path)

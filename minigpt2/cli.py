@@ -69,7 +69,8 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of dataclass `cls`, named after the field; defaults stay unset (None) so that a
-    config file can fill them and the command line wins over it."""
+    config file can fill them and the command line wins over it. A bool flag alone means true (`--overwrite`), or
+    takes a value (`--progress false`)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if not field.init:
@@ -77,7 +78,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         convert, metavar = _field_parser(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else None
         doc = field.metadata.get("help", "")
-        add_flag(parser, field.name, type=convert, metavar=metavar, default=None,
+        switch = dict(nargs="?", const=True) if hints[field.name] is bool else {}
+        add_flag(parser, field.name, type=convert, metavar=metavar, default=None, **switch,
                  help=f"{doc} (default: {default})" if doc else f"default: {default}")
 
 

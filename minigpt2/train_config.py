@@ -12,6 +12,8 @@ laptop CPU: windows of 256 tokens, batches of 4, 100 updates, a short warmup the
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import sys
 import typing
@@ -78,7 +80,8 @@ class TrainConfig:
                                      "whole split)"})
     patience: int = field(default=0, metadata={"help": "stop after this many evaluations without a better "
                           "validation loss (0: never stop early)"})
-    keep_checkpoints: int = field(default=1, metadata={"help": "latest checkpoints to keep, besides the best"})
+    keep_checkpoints: int = field(default=1, metadata={"help": "latest checkpoints to keep, besides the best (at "
+                                  "least 1: the latest is the one --resume continues from)"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many updates in a row skipped "
                                "for a non-finite loss (fp16 overflows that the loss scaler handles do not count)"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
@@ -94,11 +97,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        positive = ("max_steps", "batch_size", "block_size", "grad_accum", "log_interval", "max_bad_steps")
+        for name, value in self.to_dict().items():
+            if isinstance(value, float) and not math.isfinite(value):  # nan would slip through every `<` below
+                raise ConfigError(f"--{name} must be a finite number, got {value}")
+        positive = ("max_steps", "batch_size", "block_size", "grad_accum", "keep_checkpoints", "log_interval",
+                    "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_interval", "patience", "keep_checkpoints", "seed", "samples",
+        non_negative = ("warmup_steps", "eval_interval", "patience", "seed", "samples",
                         "sample_tokens", "weight_decay", "grad_clip", "eps")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -150,8 +157,8 @@ class TrainConfig:
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Settings from a TOML file: top-level `name = value` pairs named like TrainConfig fields (dashes allowed).
 
-    Uses tomllib (Python 3.11+) or, on 3.10, its backport `tomli` (a dependency there); ConfigError if the file is
-    unreadable. Unknown names are reported by `cli.dataclass_from_flags`.
+    Uses tomllib (Python 3.11+) or, on 3.10, its backport `tomli` (a dependency there); ConfigError, naming the
+    file, if it is unreadable or sets an unknown name or a bad value.
     """
     if sys.version_info >= (3, 11):
         import tomllib
@@ -170,4 +177,14 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if nested:
         raise ConfigError(f"--config {path}: tables are not supported ([{nested[0]}]); write top-level "
                           "`name = value` lines named like the command-line flags")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see python train.py --help for the settings"
+            raise ConfigError(f"--config {path}: unknown setting {key!r}; {hint}")
+    try:
+        TrainConfig(**settings)  # every check is of one setting alone, so the file's values can be checked here
+    except ConfigError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
     return settings

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,15 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     return found
 
 
+def check_output_dir(out: Path) -> None:
+    """ConfigError unless `out` is, or can be made as, a directory we may write in (checked before any work)."""
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable; choose another --out")
+
+
 def previous_run(out: Path) -> list[Path]:
     """The files and checkpoints in `out` that belong to an earlier training run."""
     if not out.is_dir():
@@ -211,12 +221,17 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.out = Path(config.out)
+        if self.dist.is_main:
+            check_output_dir(self.out)
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         replacing = self.resume_from is None and not config.resume and not config.overwrite
         if self.dist.is_main and replacing and previous_run(self.out):
             raise ConfigError(f"{self.out} already holds a training run; pass --resume auto to continue it, "
                               "--overwrite to replace it, or choose another --out")
         state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
+        if state is not None and int(state["step"]) > config.max_steps:
+            raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, past --max_steps "
+                              f"{config.max_steps}; pass a --max_steps above {state['step']} to train further")
         seed_everything(config.seed + self.dist.rank)
         self.raw_model = self._load_model(self.resume_from or config.init)  # first: an unreachable Hub fails fast
         self.data = self._load_data()
@@ -279,7 +294,8 @@ class Trainer:
                 self.dist.barrier()
         if cfg.block_size > model.config.n_positions:
             raise ConfigError(f"--block_size {cfg.block_size} is longer than the model's context of "
-                              f"{model.config.n_positions} positions")
+                              f"{model.config.n_positions} positions; pass --block_size {model.config.n_positions} "
+                              "or less")
         return model.to(self.device).train()
 
     def _check_fit(self) -> None:
@@ -368,16 +384,17 @@ class Trainer:
                                          "grad_norm": norm, "tokens_per_s": tokens_per_step * window["steps"] /
                                          window["seconds"], "tokens": self.step * tokens_per_step})
                     window = {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}
-                if stop_requested:
-                    stopped_by = self._stop_signal or "a signal in another process"
-                    self._save()
-                    break
+                # A step that was due an evaluation gets it even when a signal stops the run there: otherwise the
+                # resumed run would never evaluate that step, and its best checkpoint and patience would differ.
                 at_eval = cfg.eval_interval and self.step % cfg.eval_interval == 0
                 if at_eval or self.step == cfg.max_steps:
                     stopped_by = self._evaluate_and_save()
-                if self.step == until and stopped_by is None and until < cfg.max_steps:
-                    stopped_by = "stop_after"
-                    if self.last_saved_step != self.step:
+                if stopped_by is None and self.step < cfg.max_steps:
+                    if stop_requested:
+                        stopped_by = self._stop_signal or "a signal in another process"
+                    elif self.step == until:
+                        stopped_by = "stop_after"
+                    if stopped_by is not None and self.last_saved_step != self.step:
                         self._save()
                 if set_aside is not None and self.last_saved_step is not None and self.dist.is_main:
                     shutil.rmtree(set_aside, ignore_errors=True)  # the new run has its first checkpoint now
@@ -522,13 +539,8 @@ class Trainer:
         best = self._checkpoint_path(self.best_step) or self._checkpoint_path(self.last_saved_step)
         if best is None or not self.dist.is_main:
             return self.out if best is not None else None
-        for name in MODEL_FILES:  # each file copied beside its target, then renamed over it: never half-written
-            staging = self.out / f".tmp-{name}"
-            try:
-                shutil.copyfile(best / name, staging)
-                os.replace(staging, self.out / name)
-            finally:
-                staging.unlink(missing_ok=True)
+        for name in MODEL_FILES:
+            write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
         return self.out
 
     def _checkpoint_path(self, step: int | None) -> Path | None:
@@ -543,7 +555,11 @@ class Trainer:
         """
         set_aside = None
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--out {self.out}: cannot create the directory ({exc.strerror}); choose another "
+                                  "--out") from None
             ckpt.remove_stale_temporaries(self.out)
             replacing = self.config.overwrite and self.resume_from is None and not self._files_started
             old = previous_run(self.out) if replacing else []
@@ -554,7 +570,8 @@ class Trainer:
                     os.replace(path, set_aside / path.name)
                 self._log(f"--overwrite: the previous run in {self.out} was moved to {set_aside.name} and will be "
                           "deleted after the first checkpoint")
-            (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            settings = json.dumps(self.config.to_dict(), indent=2) + "\n"
+            write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
             self._trim_metrics()
         self._files_started = True  # a second train() call continues this run's files
         self.dist.barrier()
@@ -563,11 +580,10 @@ class Trainer:
     def _trim_metrics(self) -> None:
         """Keep only the metrics of steps up to the one resumed from (a crashed run may have logged beyond it)."""
         path = self.out / "metrics.jsonl"
-        if self.step == 0 or not path.exists():
-            path.write_text("")
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        if self.step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -615,6 +631,16 @@ class Trainer:
             dist.destroy_process_group()
 
 
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Have `write(staging)` write a file beside `path`, then rename it over `path`: a kill never half-writes it."""
+    staging = path.with_name(f".tmp-{path.name}")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
     """Plot training and validation loss from metrics.jsonl into `png`; False (with a note) without matplotlib."""
     try:
@@ -637,6 +663,6 @@ def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
     plt.close(fig)
     return True

@@ -89,6 +89,67 @@ def test_resume_is_bit_exact(init_dir, prepared, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 8
 
 
+def stop_by_signal_during(trainer: Trainer, step: int) -> None:
+    """Make `trainer` receive SIGTERM during its update number `step` (1-based), as a scheduler would send it."""
+    train_step = trainer.train_step
+
+    def with_signal():
+        if trainer.step == step - 1:
+            trainer._stop_signal = "SIGTERM"
+        return train_step()
+
+    trainer.train_step = with_signal
+
+
+def test_signal_at_an_evaluation_step_still_evaluates_it(init_dir, prepared, tmp_path):
+    """Stopped by SIGTERM in a step due an evaluation, then resumed: the evaluations, best checkpoint and patience
+    are those of the same run left alone (before, the stop skipped that evaluation and the resumed run never made it)."""
+    settings = dict(max_steps=8, eval_interval=4, patience=3)
+    straight = Trainer(config(init_dir, prepared, tmp_path / "a", **settings)).train()
+    stopped = Trainer(config(init_dir, prepared, tmp_path / "b", **settings))
+    stop_by_signal_during(stopped, 4)
+    assert stopped.train().stopped_by == "SIGTERM" and stopped.step == 4
+    resumed = Trainer(config(init_dir, prepared, tmp_path / "b", resume="auto", **settings)).train()
+
+    def evaluations(out: Path) -> list[tuple[int, float]]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+    assert evaluations(tmp_path / "a") == evaluations(tmp_path / "b") and len(evaluations(tmp_path / "a")) == 2
+    assert (resumed.best_val_loss, resumed.best_checkpoint.name) == (straight.best_val_loss,
+                                                                      straight.best_checkpoint.name)
+    tracker = ckpt.load_training_state(resumed.last_checkpoint)["tracker"]
+    assert tracker == ckpt.load_training_state(straight.last_checkpoint)["tracker"]
+
+
+def test_overwrite_then_a_signal_before_any_evaluation_deletes_the_replaced_run(init_dir, prepared, tmp_path):
+    Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=2)).train()
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=8, eval_interval=4, overwrite=True))
+    stop_by_signal_during(trainer, 1)
+    assert trainer.train().stopped_by == "SIGTERM"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000001"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-run")]  # not left behind for ever
+
+
+def test_resume_past_max_steps_is_refused(init_dir, prepared, tmp_path):
+    Trainer(config(init_dir, prepared, tmp_path, max_steps=4, eval_interval=4)).train()
+    with pytest.raises(ConfigError, match="at step 4, past --max_steps 2"):
+        Trainer(config(init_dir, prepared, tmp_path, max_steps=2, resume="auto"))
+
+
+def test_keep_checkpoints_keeps_the_one_to_resume_from():
+    """0 used to prune a checkpoint saved on SIGTERM right after writing it, unless it was the best one."""
+    with pytest.raises(ConfigError, match="--keep_checkpoints must be at least 1"):
+        TrainConfig(keep_checkpoints=0)
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "grad_clip", "eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_settings_are_refused(name, value):
+    with pytest.raises(ConfigError, match=f"--{name} must be a finite number"):
+        TrainConfig(**{name: value})
+
+
 def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(init_dir, prepared, tmp_path):
     # A small lr: Adam divides each gradient by its own running size, so where a gradient is rounding noise (the
     # key bias's is zero in exact arithmetic) the two summation orders give updates that differ by up to lr.
@@ -129,6 +190,23 @@ def test_save_is_atomic(init_dir, prepared, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert ckpt.list_checkpoints(tmp_path) == [good]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # the temporary copy was removed
+
+
+def test_run_files_are_rewritten_atomically(init_dir, prepared, tmp_path, monkeypatch):
+    """A resumed run dying while it rewrites train_config.json or trims metrics.jsonl leaves them as they were."""
+    Trainer(config(init_dir, prepared, tmp_path, max_steps=4, eval_interval=2)).train(stop_after=2)
+    before = {name: (tmp_path / name).read_bytes() for name in ("train_config.json", "metrics.jsonl")}
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=4, resume="auto"))
+    real_write_text = Path.write_text
+
+    def dies_halfway(path, text, *args, **kwargs):
+        real_write_text(path, text[:len(text) // 2], *args, **kwargs)
+        raise OSError("killed")
+
+    monkeypatch.setattr(Path, "write_text", dies_halfway)
+    with pytest.raises(OSError, match="killed"):
+        trainer.train()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 def test_kill_while_saving_leaves_previous_checkpoint(init_dir, tmp_path):
@@ -275,8 +353,19 @@ def test_toml_config_and_flags(init_dir, prepared, tmp_path):
     cfg = train.parse_config(["--config", str(toml), "--max_steps", "9", "--block-size", "16"])
     assert (cfg.init, cfg.max_steps, cfg.block_size, cfg.lr, cfg.eval_batches) == (str(init_dir), 9, 16, 1.0, None)
     toml.write_text("lr = 'fast'\n")
-    with pytest.raises(ConfigError, match="lr must be float"):
+    with pytest.raises(ConfigError, match=f"--config {toml}: lr must be float"):
         train.parse_config(["--config", str(toml)])
+    toml.write_text("max_step = 3\n")
+    with pytest.raises(ConfigError, match=f"--config {toml}: unknown setting 'max_step'; did you mean 'max_steps'"):
+        train.parse_config(["--config", str(toml)])
+
+
+def test_bool_flags_alone_mean_true(tmp_path):
+    """`--overwrite`, as the "already holds a training run" error suggests, used to need a value."""
+    out = ["--out", str(tmp_path)]
+    cfg = train.parse_config(["--overwrite", "--progress", "false", "--gradient-checkpointing", *out])
+    assert (cfg.overwrite, cfg.progress, cfg.gradient_checkpointing, cfg.compile) == (True, False, True, False)
+    assert train.parse_config(["--overwrite", "no", *out]).overwrite is False
 
 
 def run_cli(*flags, cwd=ROOT, env=None, timeout=120):
@@ -303,6 +392,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
                          "--block_size", 32],
         "existing run": good,
         "missing config file": [*good, "--config", tmp_path / "nope.toml"],
+        "out is a file": [*good[:4], "--out", out / "train_config.json", *good[6:]],
+        "resume past max_steps": [*good, "--resume", "auto", "--max_steps", 1],
     }
     errors = {}
     for what, flags in cases.items():
@@ -313,6 +404,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         errors[what] = lines[0]
     assert "already holds a training run" in errors["existing run"] and "--resume" in errors["existing run"]
     assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
+    assert "is a file, not a directory" in errors["out is a file"]
+    assert "--max_steps above 2" in errors["resume past max_steps"]
     assert tree(out) == before
     assert not (tmp_path / "new").exists()
 
