@@ -5,9 +5,10 @@
     python sample.py --model gpt2 --prompt "Once upon a time" --stream --do_sample true --temperature 0.8
     python sample.py --model gpt2 --prompt "Return the number of" --compare
 
-Every setting of `generate()` is a flag of the same name (`--top_p 0.9`, or `--top-p 0.9`); a --strategy preset
-fills in several at once and explicit flags win over it. --compare runs every preset on the prompt and prints, for
-each, its text and a few figures (distinct-1/2, repeated 3-gram rate, mean token log-prob; see
+Every setting of `generate()` is a flag of the same name (`--top_p 0.9`, or `--top-p 0.9`). The checkpoint's own
+settings (its generation_config.json) are the defaults, as for transformers' `model.generate()`; a --strategy preset
+overrides the settings it names, and explicit flags win over both. --compare runs every preset on the prompt and
+prints, for each, its text and a few figures (distinct-1/2, repeated 3-gram rate, mean token log-prob; see
 minigpt2/quality.py) that help judge repetition against incoherence.
 """
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             options = dict(type=_optional(convert) if field.default is None else convert, metavar=base.__name__.upper())
         # Unset flags stay out of the namespace, so that "--eos_token_id none" can be told from no flag at all.
         add_flag(parser, field.name, default=argparse.SUPPRESS,
-                 help=f"{field.metadata['help']} (default: {field.default})", **options)
+                 help=f"{field.metadata['help']} (default: the checkpoint's, else {field.default})", **options)
     parser.add_argument("--stop", dest="stop_strings", type=_unescape, action="append", default=argparse.SUPPRESS,
                         metavar="TEXT", help="same as --stop_strings; repeat for several; \\n means a newline")
     return parser
@@ -144,7 +145,7 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
     """Every preset on one prompt: the texts, then a table of figures to compare them by."""
     rows = []
     for name, preset in STRATEGIES.items():
-        config = GenerationConfig.from_strategy(name, **settings)
+        config = GenerationConfig.from_strategy(name, model.generation_config, **settings)
         # Sampling gives as many samples as asked; greedy one; beam search its best few.
         n = samples if config.do_sample else min(samples, config.num_beams)
         config = dataclasses.replace(config, num_return_sequences=n)
@@ -173,14 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = read_prompt(args)
     settings = settings_from_flags(args)
     samples = settings.pop("num_return_sequences", None) if args.compare else None
-    config = GenerationConfig.from_strategy(args.strategy, **settings) if args.strategy \
-        else GenerationConfig.from_kwargs(**settings)
+    device = resolve_device(args.device)
+    # Loaded before the settings are put together: the checkpoint's generation_config is their base.
+    model = GPT.from_pretrained(args.model).to(device)
+    base = model.generation_config
+    config = GenerationConfig.from_strategy(args.strategy, base, **settings) if args.strategy \
+        else GenerationConfig.from_kwargs(base, **settings)
     if args.stream and (config.num_beams > 1 or config.num_return_sequences > 1 or args.compare):
         raise ConfigError("--stream prints one sequence as it grows: it does not combine with beam search "
-                          "(--num_beams > 1), --num_samples > 1 or --compare")
+                          "(num_beams > 1, from --num_beams or the checkpoint), --num_samples > 1 or --compare")
 
-    device = resolve_device(args.device)
-    model = GPT.from_pretrained(args.model).to(device)
     tok = Tokenizer()
     prompt_ids = torch.tensor([tok.encode(prompt)], device=device)
     if args.compare:

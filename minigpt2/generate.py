@@ -54,7 +54,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
 
     attention_mask: (B, T), 0 on left padding. Without it, positions equal to an explicitly given pad_token_id
         (that is not also the end-of-sequence id) are taken as padding, as transformers does.
-    generation_config, **settings: see `GenerationConfig`; keyword settings override the config's fields.
+    generation_config, **settings: see `GenerationConfig`; keyword settings override the config's fields. Without
+        a generation_config, the model's own (`model.generation_config`, a checkpoint's generation_config.json) is
+        the base, as in transformers.
     generator: the random generator for sampling (default: torch's global one, so torch.manual_seed applies).
     streamer: called after every step with that step's new tokens, (rows,); in beam search these are the running
         beams' newest tokens, which may still be dropped.
@@ -88,7 +90,8 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
                     tokenizer: Tokenizer | None = None, **settings) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, as the tokens are generated.
 
-    prompt: text, or token ids (1, T). Settings as for `generate` (greedy or sampling, one sequence).
+    prompt: text, or token ids (1, T). Settings as for `generate` (greedy or sampling, one sequence), with the
+        same default base, the model's generation_config.
     Text is yielded in whole characters (a character split across tokens waits for its last byte). With
     stop_strings, text that could be the start of a stop string is held back until it is not, and the stream ends
     just before the first stop string; the end-of-sequence token is not shown.
@@ -207,7 +210,8 @@ class _Run:
 
 def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              generation_config: GenerationConfig | None, settings: dict, tokenizer: Tokenizer | None) -> _Run:
-    config = GenerationConfig.from_kwargs(generation_config, **settings)
+    base = model.generation_config if generation_config is None else generation_config
+    config = GenerationConfig.from_kwargs(base, **settings)
     vocab, context = model.config.vocab_size, model.config.n_positions
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
                                                                                                   torch.int):

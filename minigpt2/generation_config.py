@@ -4,6 +4,10 @@ A call written for transformers' `model.generate(input_ids, max_new_tokens=40, d
 same here. Defaults are transformers' (and GPT-2's `generation_config.json`): 20 new tokens, greedy, `top_k=50` once
 sampling is switched on, `<|endoftext|>` (50256) as end of sequence and, unless given, as padding.
 
+A model carries its own defaults as `model.generation_config`, which `generate()` starts from when it is given no
+config, as transformers' does: a loaded checkpoint's `generation_config.json` (`from_hub_dict`), or without that
+file the token ids of its `config.json` (`from_model_config`). `to_hub_dict` writes the file back.
+
 The decoding strategy follows from three settings, as in transformers:
 
     num_beams == 1, do_sample False  -> greedy search: always the most likely token
@@ -21,10 +25,36 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import EOT_ID
+from .config import EOT_ID, CheckpointConfigError
 from .errors import ConfigError
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
+
+# Settings of transformers' GenerationConfig (5.24) that minigpt2 does not implement, each with the value at which it
+# has no effect (None, "not set", always has none). Older transformers wrote every setting into
+# generation_config.json, so files list many of these at that value.
+UNSUPPORTED_SETTINGS: dict[str, Any] = {
+    "min_length": 0, "max_time": None, "top_h": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "renormalize_logits": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "token_healing": False, "guidance_scale": 1.0,
+    "watermarking_config": None, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
+    "dola_layers": None, "constraints": None, "force_words_ids": None, "use_mtp": False,
+    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "speculation_type": None,
+}
+# Settings of transformers' GenerationConfig that never change which tokens come out: what generate() returns besides
+# them, caching and compilation, the start id (used only without a prompt; ours always has one), the decoder start
+# (encoder-decoder models only), the tuning of assisted decoding (which needs an assistant model, or
+# prompt_lookup_num_tokens above), and file metadata.
+INERT_SETTINGS = frozenset({
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
+    "disable_compile", "continuous_batching_config", "low_memory", "bos_token_id", "decoder_start_token_id",
+    "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size",
+    "transformers_version", "_from_model_config", "_commit_hash",
+})
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -79,11 +109,54 @@ class GenerationConfig:
         return config
 
     @classmethod
-    def from_strategy(cls, name: str, **overrides: Any) -> GenerationConfig:
-        """The named preset (see `STRATEGIES`) with `overrides` on top."""
+    def from_strategy(cls, name: str, base: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
+        """The named preset (see `STRATEGIES`) over `base` (or the defaults), with `overrides` on top."""
         if name not in STRATEGIES:
             raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-        return cls.from_kwargs(**{**STRATEGIES[name], **overrides})
+        return cls.from_kwargs(base, **{**STRATEGIES[name], **overrides})
+
+    @classmethod
+    def from_hub_dict(cls, data: dict[str, Any], source: str = "generation_config.json") -> GenerationConfig:
+        """The settings of a checkpoint's `generation_config.json`, as transformers' `from_pretrained` reads them.
+
+        As in transformers, a setting that is absent or null is not set and takes the global default, and there is
+        no default end-of-sequence id: a file without one generates to the full length. A setting minigpt2 does not
+        implement, at a value that would change the tokens, is a CheckpointConfigError naming it, and so is a key
+        neither library knows (it may be a newer transformers' setting).
+        """
+        # An error, not a warning: the file is the checkpoint author's statement of how to decode, and text generated
+        # without one of its settings is text those settings never produce, with nothing in it to show it. A warning
+        # scrolls away in a training log while the samples are kept. The weights are not at stake, and the fix is one
+        # edit of the file. (config.json variants that change the logits are refused for the same reason.)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key in known or key in INERT_SETTINGS or value is None:
+                continue
+            if key not in UNSUPPORTED_SETTINGS:
+                raise CheckpointConfigError(f"{source}: unknown generation setting {key!r}, which may change "
+                                            "decoding; remove it from the file to decode without it")
+            if value != UNSUPPORTED_SETTINGS[key]:
+                raise CheckpointConfigError(f"{source}: {key}={value!r} is not supported by minigpt2's generate(); "
+                                            "remove it from the file to decode without it")
+        settings = {key: value for key, value in data.items() if key in known and value is not None}
+        try:
+            return cls.from_kwargs(**{"eos_token_id": None, **settings})
+        except (TypeError, ConfigError) as exc:
+            raise CheckpointConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_model_config(cls, hf_config: dict[str, Any], source: str = "config.json") -> GenerationConfig:
+        """The defaults transformers derives from a model's `config.json` when there is no generation_config.json:
+        its generation settings (usually just the bos/eos/pad ids; old files list more), the model keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)} | INERT_SETTINGS | set(UNSUPPORTED_SETTINGS)
+        return cls.from_hub_dict({key: value for key, value in hf_config.items() if key in names}, source)
+
+    def to_hub_dict(self) -> dict[str, Any]:
+        """The `generation_config.json` that transformers reads back as these settings: those that differ from its
+        defaults (which `from_hub_dict` applies to absent keys)."""
+        unset = GenerationConfig(eos_token_id=None)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(unset, f.name)}
 
     @property
     def eos_ids(self) -> list[int]:

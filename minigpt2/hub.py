@@ -1,8 +1,10 @@
 """GPT-2 weights in and out of the Hugging Face Hub's format.
 
-A checkpoint is a directory with `config.json` (transformers' GPT2Config) and `model.safetensors` (or shards listed
-in `model.safetensors.index.json`). Hub ids are fetched with huggingface_hub into the cache that transformers uses,
-so a model downloaded by either library is found by the other, and `HF_HUB_OFFLINE=1` reads that cache only.
+A checkpoint is a directory with `config.json` (transformers' GPT2Config), `model.safetensors` (or shards listed
+in `model.safetensors.index.json`) and, optionally, `generation_config.json`: the defaults of `generate()`, which the
+model carries as `model.generation_config` (see generation_config.py). Hub ids are fetched with huggingface_hub into
+the cache that transformers uses, so a model downloaded by either library is found by the other, and
+`HF_HUB_OFFLINE=1` reads that cache only.
 
 The Hub's tensors differ from ours in two ways only:
 - OpenAI's code stored the projections as `Conv1D` with weight shape (in, out); nn.Linear keeps (out, in). The four
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import CheckpointError
+from .generation_config import GenerationConfig
 from .model import GPT
 
 OFFICIAL = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -106,17 +109,35 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: invalid JSON ({exc}); restore the file or save the model again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(data).__name__}, not an object of settings; restore the "
+                              "file or save the model again")
+    return data
+
+
+def _read_generation_config(directory: Path, hf_config: dict) -> GenerationConfig:
+    """The checkpoint's generate() defaults: its generation_config.json, or, as transformers falls back to when the
+    file is missing, the generation settings of its config.json."""
+    file = directory / "generation_config.json"
+    if file.is_file():
+        return GenerationConfig.from_hub_dict(_read_json(file), source=str(file))
+    return GenerationConfig.from_model_config(hf_config, source=str(directory / "config.json"))
+
+
 def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) -> GPT:
     """Build a GPT from a Hub id or a save_pretrained directory (see the module docstring)."""
     directory = resolve_checkpoint(name_or_path)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
-    try:
-        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_file}: invalid JSON ({exc}); restore the file or save the model again") from None
+    hf_config = _read_json(config_file)
     config = GPTConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)
+    generation_config = _read_generation_config(directory, hf_config)
     tensors = _read_tensors(directory)
 
     with torch.device("meta"):
@@ -146,11 +167,13 @@ def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) ->
         raise CheckpointError(f"{directory}: lm_head.weight differs from wte.weight, but GPT-2 ties them")
     model.load_state_dict(state, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
+    model.generation_config = generation_config
     return model.eval()
 
 
 def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
-    """Write `model` as a Hub checkpoint that transformers' GPT2LMHeadModel.from_pretrained loads.
+    """Write `model` as a Hub checkpoint that transformers' GPT2LMHeadModel.from_pretrained loads, with the
+    `generate()` defaults it carries (`model.generation_config`) as generation_config.json.
 
     Files are written to a temporary directory beside the target and moved into place one by one, so an interrupted
     save never leaves a half-written weights file under its final name.
@@ -165,7 +188,8 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
             tensor = tensor.t()
         tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
     hf_config = model.config.to_hf_dict()
-    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    # bos_token_id is config.json's: it is what transformers starts from when generating without a prompt.
+    generation = {"bos_token_id": hf_config["bos_token_id"], **model.generation_config.to_hub_dict()}
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
         staging = Path(tmp)
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})

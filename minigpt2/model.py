@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTConfig
+from .generation_config import GenerationConfig
 from .loss import lm_loss
 
 if TYPE_CHECKING:
@@ -194,11 +195,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The GPT-2 language model: `model(input_ids)` -> next-token logits of shape (B, T, vocab_size)."""
+    """The GPT-2 language model: `model(input_ids)` -> next-token logits of shape (B, T, vocab_size).
+
+    `generation_config` holds the defaults of `generate()`: those of a loaded checkpoint's generation_config.json,
+    else, as in transformers, the end-of-text id of the config (none when the vocabulary is too small to hold 50256).
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.generation_config: GenerationConfig = GenerationConfig.from_model_config(config.to_hf_dict())
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),

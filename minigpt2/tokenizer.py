@@ -30,7 +30,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 RANKS_FILE = "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -139,12 +139,25 @@ class Tokenizer:
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Iterable[int], *, errors: str = "replace") -> str:
-        """Text of `ids`. Token boundaries can split a UTF-8 character; such bytes decode per `errors`."""
-        return self._enc.decode(list(ids), errors=errors)
+        """Text of `ids`. Token boundaries can split a UTF-8 character; such bytes decode per `errors`.
+
+        An id outside the vocabulary is a DataError naming it.
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The raw bytes of `ids` (useful for streaming text whose characters span tokens)."""
-        return self._enc.decode_bytes(list(ids))
+        """The raw bytes of `ids` (useful for streaming text whose characters span tokens).
+
+        An id outside the vocabulary is a DataError naming it.
+        """
+        ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except (KeyError, OverflowError):  # tiktoken's errors for an unknown id, and for one beyond 64 bits or < 0
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise DataError(f"token id {bad} is outside GPT-2's vocabulary of {self.vocab_size} ids (0 to "
+                            f"{self.vocab_size - 1}); the ids come from another tokenizer, or from a model whose "
+                            "vocabulary is larger than the tokenizer's") from None
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write vocab.json, merges.txt and tokenizer_config.json, the Hub's GPT-2 tokenizer layout."""

@@ -8,10 +8,13 @@ side's call: both draw with one torch.multinomial per step on the same probabili
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import GenerationConfig as HFGenerationConfig
 
 from minigpt2 import GPT, ConfigError, GPTConfig, Tokenizer
 from minigpt2.generate import TextStream, stream_generate
@@ -443,6 +446,109 @@ def test_invalid_inputs_raise_value_error(pair):
         ours.generate(ids, attention_mask=torch.zeros_like(mask))
     with pytest.raises(ValueError, match="vocabulary"):
         ours.generate(torch.tensor([[60000]]))
+
+
+# --- the checkpoint's generation_config.json as the defaults of generate() -----------------------------------------
+
+def checkpoint_with(source, target, **settings):
+    """A copy of the checkpoint at `source` whose generation_config.json transformers writes from `settings`."""
+    model = GPT2LMHeadModel.from_pretrained(source)
+    model.generation_config = HFGenerationConfig(**settings)
+    model.save_pretrained(target)
+    return target
+
+
+def generate_both(path, ids, seed=0, **overrides):
+    """(ours, transformers') `model.generate(ids, **overrides)` for the checkpoint at `path`: no generation config,
+    no attention mask, no pad id, so that everything not overridden comes from the checkpoint's files."""
+    results = []
+    for model in (GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            results.append(model.generate(ids, **overrides))
+    return results
+
+
+def eos_generated_by(pair, ids, seed=0, **settings):
+    """An id transformers generates at the third step of the first row when nothing ends the sequences."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        free = pair[1].generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=None, pad_token_id=0,
+                                **settings)
+    return int(free[0, ids.shape[1] + 2])
+
+
+CHECKPOINT_SETTINGS = [
+    dict(max_new_tokens=7, repetition_penalty=1.3),
+    dict(max_new_tokens=7, do_sample=True, top_k=5),
+    dict(max_length=13, do_sample=True, temperature=0.7, top_p=0.9, no_repeat_ngram_size=2),
+    dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, length_penalty=0.5, early_stopping=True),
+    dict(max_new_tokens=6, num_beams=2, do_sample=True, top_k=10, repetition_penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("settings", CHECKPOINT_SETTINGS)
+def test_checkpoint_generation_config_is_the_default(pair, hf_checkpoint, tmp_path, settings):
+    """generate(ids) with no settings decodes as the checkpoint's generation_config.json says, as transformers'."""
+    ids, _ = prompts(30, (5, 5))
+    eos = eos_generated_by(pair, ids, **settings)
+    path = checkpoint_with(hf_checkpoint(), tmp_path, eos_token_id=eos, **settings)
+    ours, theirs = generate_both(path, ids)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.shape[1] < ids.shape[1] + 20  # not GPT-2's 20 new tokens
+    if settings.get("num_beams", 1) == 1:
+        assert reaches(ours, ids.shape[1], [eos], before_end=False)  # the checkpoint's eos ended a row
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(max_new_tokens=4), dict(max_length=10), dict(do_sample=False), dict(top_k=0, temperature=0.7),
+    dict(eos_token_id=None), dict(repetition_penalty=1.0), dict(num_beams=2, do_sample=False), dict(pad_token_id=5),
+])
+def test_keyword_settings_override_single_fields_of_the_checkpoint(pair, hf_checkpoint, tmp_path, overrides):
+    ids, _ = prompts(31, (6, 6))
+    settings = dict(max_new_tokens=7, do_sample=True, top_k=5, repetition_penalty=1.3)
+    path = checkpoint_with(hf_checkpoint(), tmp_path, eos_token_id=eos_generated_by(pair, ids, **settings),
+                           **settings)
+    ours, theirs = generate_both(path, ids, seed=3, **overrides)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_stream_generate_starts_from_the_checkpoint_settings(pair, hf_checkpoint, tmp_path):
+    ids, _ = prompts(32)
+    settings = dict(max_new_tokens=9, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    eos = eos_generated_by(pair, ids, **settings)
+    path = checkpoint_with(hf_checkpoint(), tmp_path, eos_token_id=eos, **settings)
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(path).eval().generate(ids)[0, ids.shape[1]:].tolist()
+    assert theirs[-1] == eos
+    assert "".join(stream_generate(GPT.from_pretrained(path), ids)) == Tokenizer().decode(theirs[:-1])
+
+
+def test_without_generation_config_json_the_config_json_settings_apply(pair, hf_checkpoint, tmp_path):
+    """transformers then derives the defaults from config.json: its eos/pad ids and any generation settings that an
+    old config.json lists."""
+    ids, _ = prompts(33, (5, 5))
+    settings = dict(max_new_tokens=7, do_sample=True, top_k=5)
+    source = hf_checkpoint()
+    shutil.copy(source / "model.safetensors", tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    config.update(eos_token_id=eos_generated_by(pair, ids, **settings), **settings)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours, theirs = generate_both(tmp_path, ids)
+    assert ours.tolist() == theirs.tolist() and ours.shape[1] == ids.shape[1] + 7
+    assert reaches(ours, ids.shape[1], [config["eos_token_id"]])  # config.json's eos ended a row
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+def test_small_vocabulary_model_saved_by_minigpt2_generates(tmp_path):
+    """Its checkpoint has no end-of-sequence id (50256 is not in the vocabulary), so generation runs to the length."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=97, n_positions=64, initializer_range=0.2)).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    ours, theirs = generate_both(tmp_path, ids)
+    assert ours.tolist() == theirs.tolist() and ours.shape == (1, 23)
+    assert model.generate(ids).tolist() == theirs.tolist()  # the model as built carries the same defaults
 
 
 def test_strategy_presets():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt2 import GPT, CheckpointError, GPTConfig
@@ -108,6 +109,67 @@ def test_weights_use_conv1d_layout_on_disk(tmp_path):
         name = f"transformer.h.0.{suffix}"
         assert torch.equal(tensors[name], ours.state_dict()[name].t())
     assert "lm_head.weight" not in tensors
+
+
+def test_generation_config_round_trips_through_minigpt2(tmp_path):
+    """transformers writes a generation_config.json, minigpt2 loads and saves the model, transformers reads back the
+    same settings. bos_token_id is config.json's, as in every GPT-2 checkpoint: minigpt2 writes config.json's."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=64))
+    ref.generation_config = HFGenerationConfig(
+        bos_token_id=50256, eos_token_id=[3, 50256], pad_token_id=7, max_new_tokens=7, min_new_tokens=2,
+        do_sample=True, temperature=0.8, top_k=12, top_p=0.9, min_p=0.05, typical_p=0.95, repetition_penalty=1.3,
+        no_repeat_ngram_size=3, num_beams=4, length_penalty=0.5, early_stopping="never", num_return_sequences=2,
+        stop_strings=["\n\n"])
+    ref.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(tmp_path / "hf")
+    assert model.generation_config.eos_token_id == [3, 50256] and model.generation_config.top_k == 12
+    model.save_pretrained(tmp_path / "ours")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").generation_config
+    ignore = {"transformers_version", "_from_model_config"}
+    expected = {k: v for k, v in ref.generation_config.to_dict().items() if k not in ignore}
+    assert {k: v for k, v in back.to_dict().items() if k not in ignore} == expected
+
+
+def write_generation_config(hf_checkpoint, tmp_path, settings) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint(), target)
+    (target / "generation_config.json").write_text(json.dumps(settings))
+    return target
+
+
+def test_generation_settings_at_transformers_defaults_are_accepted(hf_checkpoint, tmp_path):
+    """Older transformers wrote every setting out; those minigpt2 lacks are harmless at transformers' default, and
+    those about outputs, caching or metadata never change the tokens."""
+    path = write_generation_config(hf_checkpoint, tmp_path, dict(
+        min_length=0, num_beam_groups=1, diversity_penalty=0.0, bad_words_ids=None, encoder_no_repeat_ngram_size=0,
+        output_scores=True, return_dict_in_generate=True, use_cache=True, bos_token_id=50256, eos_token_id=50256,
+        _from_model_config=True, transformers_version="4.26.0", top_k=7))
+    config = GPT.from_pretrained(path).generation_config
+    assert (config.eos_token_id, config.top_k) == (50256, 7)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(min_length=12), r"min_length=12 is not supported"),
+    (dict(bad_words_ids=[[5]]), r"bad_words_ids=\[\[5\]\] is not supported"),
+    (dict(num_beam_groups=2, diversity_penalty=0.5, num_beams=4), r"num_beam_groups=2 is not supported"),
+    (dict(my_sampler_knob=3), r"unknown generation setting 'my_sampler_knob'"),
+    (dict(top_k="five"), r"top_k='five'"),
+    (dict(do_sample=True, temperature=0), r"temperature=0"),
+])
+def test_generation_settings_minigpt2_cannot_honour_are_refused(hf_checkpoint, tmp_path, settings, message):
+    """Decoding without them would give other tokens than transformers, silently: the load fails, naming the file."""
+    path = write_generation_config(hf_checkpoint, tmp_path, settings)
+    with pytest.raises(CheckpointError, match=rf"generation_config\.json: {message}"):
+        GPT.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_unreadable_generation_config(hf_checkpoint, tmp_path, text):
+    path = write_generation_config(hf_checkpoint, tmp_path, {})
+    (path / "generation_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: (invalid JSON|holds a JSON list)"):
+        GPT.from_pretrained(path)
 
 
 @pytest.fixture

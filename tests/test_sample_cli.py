@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2LMHeadModel
 
 from minigpt2 import GPT, Tokenizer
@@ -90,6 +91,48 @@ def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
     for name in sample.STRATEGIES:
         assert f"=== {name} " in out
     assert "distinct-1" in out and "rep-3" in out and "logprob/tok" in out
+
+
+@pytest.fixture(scope="module")
+def configured_dir(model_dir, tmp_path_factory):
+    """The checkpoint, with a generation_config.json that transformers writes: sampling, a repetition penalty, 7 new
+    tokens, and an end-of-sequence id that its greedy continuation of "The answer is" produces."""
+    ref = GPT2LMHeadModel.from_pretrained(model_dir)
+    ids = torch.tensor([Tokenizer().encode("The answer is")])
+    with torch.no_grad():
+        free = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                            repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    ref.generation_config = HFGenerationConfig(do_sample=True, top_k=5, repetition_penalty=1.3, max_new_tokens=7,
+                                               eos_token_id=int(free[0, -1]))
+    path = tmp_path_factory.mktemp("configured")
+    ref.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("flags", "overrides"), [
+    ([], {}),
+    (["--max_new_tokens", 3], dict(max_new_tokens=3)),
+    (["--strategy", "greedy"], dict(do_sample=False, num_beams=1)),
+    (["--strategy", "beam", "--num_beams", 3], dict(do_sample=False, num_beams=3, no_repeat_ngram_size=2,
+                                                      early_stopping=True)),
+    (["--top_k", 0, "--temperature", 0.7], dict(top_k=0, temperature=0.7)),
+])
+def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags, overrides):
+    """What is printed is transformers' generate() of the prompt with the checkpoint's settings, the flags (or the
+    preset's settings) overriding theirs."""
+    code, out, _ = run(["--model", configured_dir, "--prompt", "The answer is", "--seed", 2, *flags], capsys)
+    assert code == 0
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode("The answer is")])
+    ref = GPT2LMHeadModel.from_pretrained(configured_dir).eval()
+    torch.manual_seed(2)  # the same random stream as sample.py's own generator seeded by --seed 2
+    with torch.no_grad():
+        new = ref.generate(ids, attention_mask=torch.ones_like(ids), **overrides)[0, ids.shape[1]:].tolist()
+    eos = ref.generation_config.eos_token_id
+    text = tok.decode(new[:new.index(eos)] if eos in new else new)
+    assert out == "The answer is" + text + "\n"
+    if overrides.get("do_sample") is False and overrides["num_beams"] == 1:
+        assert len(new) < 7  # greedy reaches the checkpoint's end-of-sequence id
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import minigpt2
-from minigpt2 import CheckpointError, Tokenizer
+from minigpt2 import CheckpointError, DataError, Tokenizer
 from minigpt2.tokenizer import EOT_ID, RANKS_FILE, load_ranks
 
 TEXTS = [
@@ -63,6 +63,15 @@ def test_decode_of_split_characters(tokenizers):
     assert ours.decode_bytes(partial) == "🤗".encode()[: len(ours.decode_bytes(partial))]
     assert ours.decode(partial) == theirs.decode(partial)
     assert "\ufffd" in ours.decode(partial)
+
+
+@pytest.mark.parametrize("bad", [50257, 50304, -1, 2**64])
+@pytest.mark.parametrize("method", ["decode", "decode_bytes"])
+def test_ids_outside_the_vocabulary_are_a_clear_error(tokenizers, bad, method):
+    """50304: the vocabulary GPT-2 models are often padded to, whose extra ids no tokenizer can decode."""
+    ours, _ = tokenizers
+    with pytest.raises(DataError, match=rf"^token id {bad} is outside GPT-2's vocabulary of 50257 ids \(0 to 50256\)"):
+        getattr(ours, method)([15496, bad, 995])
 
 
 def test_endoftext_is_special_only_when_asked(tokenizers):
