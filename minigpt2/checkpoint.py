@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,16 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     """The checkpoint with the highest step in `out_dir`, or None."""
     checkpoints = list_checkpoints(out_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Have `write(staging)` write a file beside `path`, then rename it over `path`: a kill never half-writes it."""
+    staging = path.with_name(f".tmp-{path.name}")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import write_atomically
 from .errors import ConfigError, DataError
 from .evaluate import evaluating, perplexity
 from .generation_config import STRATEGIES, GenerationConfig
@@ -161,9 +162,7 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
                      max_new_tokens, seed)
     paths = out / "report.html", out / "report.md"
     for path, text in zip(paths, (report.html(), report.markdown())):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, lambda staging, text=text: staging.write_text(text, encoding="utf-8"))
     return paths
 
 

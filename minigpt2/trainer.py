@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -540,7 +539,7 @@ class Trainer:
         if best is None or not self.dist.is_main:
             return self.out if best is not None else None
         for name in MODEL_FILES:
-            write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
+            ckpt.write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
         return self.out
 
     def _checkpoint_path(self, step: int | None) -> Path | None:
@@ -571,7 +570,7 @@ class Trainer:
                 self._log(f"--overwrite: the previous run in {self.out} was moved to {set_aside.name} and will be "
                           "deleted after the first checkpoint")
             settings = json.dumps(self.config.to_dict(), indent=2) + "\n"
-            write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
+            ckpt.write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
             self._trim_metrics()
         self._files_started = True  # a second train() call continues this run's files
         self.dist.barrier()
@@ -583,7 +582,7 @@ class Trainer:
         kept = []
         if self.step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
+        ckpt.write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -631,16 +630,6 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Have `write(staging)` write a file beside `path`, then rename it over `path`: a kill never half-writes it."""
-    staging = path.with_name(f".tmp-{path.name}")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
     """Plot training and validation loss from metrics.jsonl into `png`; False (with a note) without matplotlib."""
     try:
@@ -663,6 +652,6 @@ def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
+    ckpt.write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
     plt.close(fig)
     return True
