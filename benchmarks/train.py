@@ -1,7 +1,8 @@
 """Training-step throughput: minigpt2's trainer vs transformers' GPT2LMHeadModel + torch's AdamW, in one run.
 
     python benchmarks/train.py                                   gpt2 124M shape, batch 2 x 256, fp32 and bf16, CPU
-    python benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 --compile --skip_classic
+    python benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 --compile --skip_classic \
+        --dropout 0 --attn_impls sdpa,triton                     a GPU: our Triton attention raced as well
 
 Both models start from one checkpoint that transformers writes with random weights (the Hub is not needed) and
 train on the same batches of the bundled corpus (one BatchLoader seed). Three measurements:
@@ -9,7 +10,9 @@ train on the same batches of the bundled corpus (one BatchLoader seed). Three me
 1. Step speed. A full update (forward, loss, backward, gradient clipping to 1.0, AdamW with weight decay) of
    `Trainer.train_step` against the same loop around GPT2LMHeadModel(labels=...) with torch.optim.AdamW, both its
    default implementation and `fused=True` (transformers' Trainer default on torch >= 2.8). Steps alternate
-   between the contenders, so that a busy machine slows them alike; the median step is reported. MFU is achieved
+   between the contenders, so that a busy machine slows them alike; the median step is reported. With
+   `--attn_impls sdpa,triton` minigpt2 runs once per attention (triton needs --dropout 0: the kernel has no
+   attention dropout); speed-ups are against the first. MFU is achieved
    FLOP/s (6 N + 12 L T C per token, N = parameters without the position table) over the best measured matmul
    FLOP/s of the same dtype on the same device.
 2. Useful tokens/s against the classic Trainer recipe: every line of text one sample, padded to 512 tokens, with
@@ -91,11 +94,11 @@ def autocast(dtype: str, device: str):
 
 
 def our_trainer(checkpoint: str, corpus: Path, out: Path, batch: int, seq: int, dtype: str, device: str,
-                compile: bool) -> Trainer:
+                compile: bool, attn_impl: str = "sdpa") -> Trainer:
     return Trainer(TrainConfig(init=checkpoint, data=str(corpus), out=str(out), batch_size=batch, block_size=seq,
                                max_steps=10**6, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY, beta1=BETAS[0],
                                beta2=BETAS[1], grad_clip=CLIP, dtype=dtype, device=device, compile=compile,
-                               eval_interval=0, progress=False, seed=0))
+                               attn_impl=attn_impl, eval_interval=0, progress=False, seed=0))
 
 
 def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
@@ -143,9 +146,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--attn_impls", default="sdpa", help="minigpt2's attentions to race, e.g. sdpa,triton")
     parser.add_argument("--classic_batch", type=int, default=2)
     parser.add_argument("--skip_classic", action="store_true")
     args = parser.parse_args()
+    impls = args.attn_impls.split(",")
+    if "triton" in impls and args.dropout > 0:
+        parser.error("--attn_impls triton needs --dropout 0 (the kernel has no attention dropout)")
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # keep the table readable: no load reports or progress bars
@@ -166,27 +173,29 @@ def main() -> None:
         flops_per_token = 6 * n_matmul + 12 * shape.n_layer * args.seq * shape.n_embd
         tokens_per_step = args.batch * args.seq
 
-        print(f"\n{'dtype':<6}{'contender':<34}{'tok/s':>10}{'minigpt2 speed-up':>19}{'MFU':>8}")
+        print(f"\n{'dtype':<6}{'contender':<42}{'tok/s':>10}{'minigpt2 speed-up':>19}{'MFU':>8}")
         for dtype in args.dtypes.split(","):
-            ours = our_trainer(tmp, corpus, Path(tmp) / f"out-{dtype}", args.batch, args.seq, dtype, args.device,
-                               args.compile)
+            ours = {f"minigpt2 Trainer.train_step ({impl})": our_trainer(
+                tmp, corpus, Path(tmp) / f"out-{dtype}-{impl}", args.batch, args.seq, dtype, args.device,
+                args.compile, impl) for impl in impls}
             theirs = TheirLoop(tmp, tokens, args.batch, args.seq, dtype, args.device, False, args.compile)
             fused = TheirLoop(tmp, tokens, args.batch, args.seq, dtype, args.device, True, args.compile)
-            seconds = race({"minigpt2 Trainer.train_step": ours.train_step,
+            seconds = race({**{label: trainer.train_step for label, trainer in ours.items()},
                             "transformers + torch AdamW": theirs.step,
                             "transformers + torch AdamW(fused)": fused.step}, args.steps, args.warmup)
             peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, args.device,
                                8192 if args.device.startswith("cuda") else 2048)
+            first = seconds[next(iter(ours))]
             for contender, s in seconds.items():
-                speedup = s / seconds["minigpt2 Trainer.train_step"]
                 mfu = tokens_per_step * flops_per_token / s / peak
-                print(f"{dtype:<6}{contender:<34}{tokens_per_step / s:>10,.0f}{speedup:>18.2f}x{mfu:>8.1%}")
+                print(f"{dtype:<6}{contender:<42}{tokens_per_step / s:>10,.0f}{s / first:>18.2f}x{mfu:>8.1%}")
             print(f"{'':<6}MFU against the measured {dtype} matmul peak of {peak / 1e12:.2f} TFLOP/s")
             nominal = next((v for k, v in NOMINAL_BF16_PEAK.items() if k in name), None)
             if nominal and dtype == "bf16":
-                ours_flops = tokens_per_step * flops_per_token / seconds["minigpt2 Trainer.train_step"]
-                print(f"{'':<6}minigpt2 MFU vs {name}'s nominal bf16 peak ({nominal / 1e12:.0f} TFLOP/s): "
-                      f"{ours_flops / nominal:.1%}")
+                for label in ours:
+                    ours_flops = tokens_per_step * flops_per_token / seconds[label]
+                    print(f"{'':<6}{label} MFU vs {name}'s nominal bf16 peak ({nominal / 1e12:.0f} TFLOP/s): "
+                          f"{ours_flops / nominal:.1%}")
             del ours, theirs, fused
 
         if not args.skip_classic:

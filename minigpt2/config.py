@@ -21,7 +21,8 @@ class GPTConfig:
 
     `n_embd` must be divisible by `n_head`; GPT-2 uses a head size of 64 in every size. `attn_impl` chooses how
     attention is computed ("naive": the explicit formula, "sdpa": torch's fused kernel, "triton": our kernel,
-    "auto": triton on a CUDA GPU when installed, else sdpa); it changes speed, never the result.
+    "auto": triton on a CUDA GPU when installed and attention runs in fp16/bf16, else sdpa); it changes speed,
+    never the result.
     """
 
     vocab_size: int = 50257

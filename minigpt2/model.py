@@ -103,14 +103,17 @@ def _triton_available() -> bool:
     return kernels.is_available()
 
 
-def resolve_attn_impl(name: str, device: torch.device, head_size: int) -> str:
-    """The attention to use on `device`: "auto" picks triton on a CUDA GPU with triton installed, else sdpa.
+def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: torch.dtype = torch.float16) -> str:
+    """The attention to use on `device` for `dtype` activations: "auto" picks triton on a CUDA GPU with triton
+    installed when attention runs in fp16 or bf16, else sdpa.
 
-    An explicit "triton" that cannot run here falls back to sdpa with a one-time warning rather than failing in the
-    middle of training or generation.
+    fp32 is left to sdpa because the kernel's exact fp32 matmuls spill registers heavily (docs/benchmarks.md,
+    "compiled without a GPU"). An explicit "triton" that cannot run here falls back to sdpa with a one-time
+    warning rather than failing in the middle of training or generation.
     """
     if name == "auto":
-        return "triton" if device.type == "cuda" and head_size in (16, 32, 64, 128) and _triton_available() else "sdpa"
+        fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_size in (16, 32, 64, 128)
+        return "triton" if fast and _triton_available() else "sdpa"
     if name == "triton":
         if head_size not in (16, 32, 64, 128):
             _warn_once(f"attn_impl='triton' supports head sizes 16, 32, 64 and 128, not {head_size}; using sdpa")
@@ -273,7 +276,12 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device, self.config.head_size)
+        attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device, self.config.head_size,
+                                      self._attention_dtype(input_ids.device))
+        if self.config.attn_impl == attn_impl == "triton" and self.training and self.config.attn_pdrop > 0:
+            _warn_once(f"attn_impl='triton' has no attention dropout: training with attn_pdrop="
+                       f"{self.config.attn_pdrop} runs sdpa instead; set it to 0 (train.py --dropout 0) to train "
+                       "with the kernel")
         mask, key_padding = self._attention_mask(T, past, attention_mask, input_ids.device, attn_impl)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
@@ -286,6 +294,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         return x
+
+    def _attention_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the attention's q, k and v: autocast's when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.transformer.wte.weight.dtype
 
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,

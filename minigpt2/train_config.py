@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ATTN_IMPLS
 from .errors import ConfigError
 from .schedule import SCHEDULES
 
@@ -70,6 +71,9 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (autocast + loss "
                        "scaling, CUDA only); auto: bf16 where fast, else fp16 on older GPUs, else fp32"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
+    attn_impl: str = field(default="sdpa", metadata={"help": "attention: sdpa (torch's fused kernels), triton "
+                           "(kernels/, CUDA; attention dropout must be 0), auto (triton on a CUDA GPU when "
+                           "installed, for bf16/fp16) or naive (the explicit formula)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                          "pass: less memory, about a third more compute"})
@@ -121,7 +125,7 @@ class TrainConfig:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ConfigError(f"--eval_batches must be at least 1 or none, got {self.eval_batches}")
-        choices = {"dtype": DTYPES, "lr_schedule": SCHEDULES, "data_mode": DATA_MODES}
+        choices = {"dtype": DTYPES, "lr_schedule": SCHEDULES, "data_mode": DATA_MODES, "attn_impl": ATTN_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")

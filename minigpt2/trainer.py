@@ -278,9 +278,9 @@ class Trainer:
 
     def _load_model(self, source: str | Path) -> GPT:
         cfg = self.config
-        overrides = {}
+        overrides: dict[str, float | str] = {"attn_impl": cfg.attn_impl}
         if cfg.dropout is not None:
-            overrides = dict(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
+            overrides.update(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
         if str(source) == "scratch":
             torch.manual_seed(cfg.seed)  # the same initial weights in every process
             model = GPT(GPTConfig.from_preset(cfg.model_preset, **overrides))
@@ -306,7 +306,7 @@ class Trainer:
                             "tokenizer")
 
     @staticmethod
-    def _from_pretrained(source: str, overrides: dict[str, float]) -> GPT:
+    def _from_pretrained(source: str, overrides: dict[str, float | str]) -> GPT:
         try:
             return GPT.from_pretrained(source, **overrides)
         except CheckpointError as exc:

@@ -189,3 +189,22 @@ def test_presets_match_the_published_sizes():
                   ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
     assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                       "gpt2-xl": 1_557_611_200}
+
+
+def test_auto_attention_picks_triton_for_16_bit_cuda_attention_only(monkeypatch):
+    """"auto": triton on CUDA for fp16/bf16 q, k, v (fp32 spills in the kernel); sdpa otherwise; the dtype the
+    model reports is autocast's when autocast is on."""
+    from minigpt2 import model as model_module
+
+    monkeypatch.setattr(model_module, "_triton_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    resolve = model_module.resolve_attn_impl
+    assert resolve("auto", cuda, 64, torch.bfloat16) == resolve("auto", cuda, 64, torch.float16) == "triton"
+    assert resolve("auto", cuda, 64, torch.float32) == "sdpa"
+    assert resolve("auto", cpu, 64, torch.bfloat16) == "sdpa"
+    assert resolve("auto", cuda, 80, torch.bfloat16) == "sdpa"
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16))
+    assert model._attention_dtype(cpu) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model._attention_dtype(cpu) == torch.bfloat16
+    assert model.to(torch.bfloat16)._attention_dtype(cpu) == torch.bfloat16

@@ -457,3 +457,31 @@ def test_cli_scratch_run_end_to_end(prepared, tmp_path):
     GPT.from_pretrained(out)  # the final model loads like any checkpoint
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "untrained tiny" in report and "bits per byte" in report and "n/a" not in report, report
+
+
+def test_triton_attention_trains_like_sdpa(init_dir, prepared, tmp_path, monkeypatch):
+    """--attn_impl triton (the kernel, in Triton's interpreter without a GPU) takes the same steps as sdpa."""
+    import kernels
+
+    calls = []
+    real = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    runs = {impl: Trainer(config(init_dir, prepared, tmp_path / impl, max_steps=2, grad_accum=1, eval_interval=0,
+                                 dropout=0.0, attn_impl=impl)).train() for impl in ("sdpa", "triton")}
+    assert calls, "the triton run never called the kernel"
+    a, b = weights(runs["sdpa"].last_checkpoint), weights(runs["triton"].last_checkpoint)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert len(losses(tmp_path / "sdpa")) == 2
+    assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "sdpa"), rel=1e-5)
+
+
+def test_triton_attention_with_dropout_warns_and_uses_sdpa(init_dir, monkeypatch):
+    from minigpt2 import model as model_module
+
+    monkeypatch.setattr(model_module, "_warned", set())
+    model = GPT.from_pretrained(init_dir, attn_impl="triton", attn_pdrop=0.1).train()
+    with pytest.warns(UserWarning, match="no attention dropout.*--dropout 0"):
+        model(torch.randint(0, 50257, (1, 8)))
+    with pytest.raises(ConfigError, match="--attn_impl 'flash' is not one of"):
+        TrainConfig(attn_impl="flash")
