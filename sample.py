@@ -25,9 +25,8 @@ import torch
 from tqdm import tqdm
 
 from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import add_flag, make_parser, parse_bool, run_main
+from minigpt2.cli import add_flag, make_parser, parse_bool, resolve_device, run_main
 from minigpt2.errors import ConfigError, DataError
-from minigpt2.evaluate import resolve_device
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig
 from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate

@@ -1,4 +1,4 @@
-"""Helpers shared by every command-line front end: flags from a dataclass, and errors as one line.
+"""Helpers shared by every command-line front end: flags from a dataclass, --device, and errors as one line.
 
 Each script (`train.py`, `sample.py`, `data/prepare.py`, `python -m minigpt2.evaluate`) is a thin `main(argv)` wrapped
 in `run_main`, so a user mistake prints `error: ...` and exits with status 2 instead of a traceback.
@@ -12,9 +12,12 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import MiniGPT2Error
+from .errors import ConfigError, MiniGPT2Error
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_USAGE = 2
 
@@ -108,3 +111,27 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device a --device flag names: "auto" is CUDA when torch sees a GPU, else the CPU.
+
+    A bare "cuda" means this process's GPU (`local_rank` under torchrun). ConfigError for a name that is not a
+    device, a GPU that is not there, or a device type other than cpu and cuda (the only ones tested).
+    """
+    import torch  # here, so that the data-preparation command never loads torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} asks for a GPU but torch sees none; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_flag, make_parser, run_main
+from .cli import add_flag, make_parser, resolve_device, run_main
 from .errors import ConfigError, DataError
 from .generation_config import STRATEGIES
 from .model import GPT
@@ -234,19 +234,6 @@ def text_bytes(tokens: np.ndarray, tokenizer: Tokenizer) -> int:
         chunk = np.asarray(tokens[start:start + (1 << 20)])
         n_bytes += len(tokenizer.decode_bytes(chunk[chunk != EOT_ID].tolist()))
     return n_bytes
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> the GPU if there is one, else the CPU; otherwise the named torch device, checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asks for a GPU but torch sees none; use --device cpu")
-    return device
 
 
 def load_model(name_or_path: str, device: torch.device) -> GPT:

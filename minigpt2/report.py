@@ -94,7 +94,8 @@ def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, promp
 
 def _sample(model: GPT, prompts: list[list[int]], config: GenerationConfig, seed: int,
             tokenizer: Tokenizer) -> list[Sample]:
-    """Continue every prompt in one left-padded batch; figures are computed on the tokens before <|endoftext|>."""
+    """Continue every prompt in one left-padded batch; figures are computed on the tokens before the first
+    end-of-sequence token (config.eos_ids: <|endoftext|> for GPT-2)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), EOT_ID, dtype=torch.long)
@@ -109,8 +110,9 @@ def _sample(model: GPT, prompts: list[list[int]], config: GenerationConfig, seed
     samples = []
     for row, prompt in enumerate(prompts):
         new = out[row, width:].tolist()
-        ended = EOT_ID in new
-        new = new[:new.index(EOT_ID)] if ended else new  # rows that ended early are padded with EOT too
+        end = next((i for i, token in enumerate(new) if token in config.eos_ids), None)
+        ended = end is not None
+        new = new[:end] if ended else new  # a row that ended early is padded after its end-of-sequence token
         samples.append(Sample(
             text=tokenizer.decode(new), tokens=new, ended=ended,
             distinct_1=distinct_n([new], 1), distinct_2=distinct_n([new], 2), repeated_3=repeated_ngram_rate(new, 3),
@@ -135,8 +137,14 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     """
     tokenizer = tokenizer or Tokenizer()
     strategies = list(STRATEGIES) if strategies is None else list(strategies)
-    # Settings are checked before any work, so a typo fails in a second instead of after the perplexity pass.
-    configs = {name: GenerationConfig.from_strategy(name, max_new_tokens=max_new_tokens) for name in strategies}
+    models = {base_name: base, finetuned_name: finetuned}
+    if base_name == finetuned_name:
+        models = {f"{base_name} (base)": base, f"{finetuned_name} (fine-tuned)": finetuned}
+    # Each preset over each model's own generate() defaults (its generation_config: eos ids, stop strings, ...),
+    # as sample.py does; checked before any work, so a typo fails in a second instead of after the perplexity pass.
+    configs = {strategy: {name: GenerationConfig.from_strategy(strategy, model.generation_config,
+                                                               max_new_tokens=max_new_tokens, num_return_sequences=1)
+                          for name, model in models.items()} for strategy in strategies}
     if prompts is not None:
         encoded = [tokenizer.encode(p) for p in prompts]
         if not encoded or not all(encoded):
@@ -150,13 +158,10 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
         raise DataError(f"cannot create the report folder {out} ({exc.strerror}); choose another --out") from None
 
     context = context or min(base.config.n_positions, finetuned.config.n_positions)
-    models = {base_name: base, finetuned_name: finetuned}
-    if base_name == finetuned_name:
-        models = {f"{base_name} (base)": base, f"{finetuned_name} (fine-tuned)": finetuned}
     scores = {name: perplexity(model, val_tokens, context=context, stride=stride, batch_size=batch_size,
                                progress=progress, n_bytes=n_bytes) for name, model in models.items()}
-    samples = {strategy: {name: _sample(model, encoded, config, seed, tokenizer) for name, model in models.items()}
-               for strategy, config in configs.items()}
+    samples = {strategy: {name: _sample(models[name], encoded, config, seed, tokenizer)
+                          for name, config in per_model.items()} for strategy, per_model in configs.items()}
 
     report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
                      max_new_tokens, seed)
@@ -174,7 +179,7 @@ class _Report:
     text_name: str
     scores: dict[str, dict]
     prompts: list[str]
-    configs: dict[str, GenerationConfig]
+    configs: dict[str, dict[str, GenerationConfig]]  # strategy -> model name -> its settings
     samples: dict[str, dict[str, list[Sample]]]
     max_new_tokens: int
     seed: int

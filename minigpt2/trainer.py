@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error
@@ -126,24 +127,6 @@ def init_distributed(device_name: str) -> Distributed:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device for "auto" (CUDA if available, else CPU) or a name; a bare "cuda" means this process's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA GPU is available to torch; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:

@@ -316,3 +316,27 @@ def test_prepared_dataset_gives_its_validation_split(tmp_path):
     loaded = load_eval_text(tmp_path)
     assert np.array_equal(loaded.tokens, PreparedDataset(tmp_path).tokens("val")) and "validation" in loaded.source
     assert loaded.n_bytes == len("".join(DOCS[2:]).encode("utf-8"))
+
+
+def test_report_decodes_with_each_models_generation_config(hf_checkpoint, tmp_path, monkeypatch):
+    """The presets go over each model's own generate() defaults: a fine-tuned model whose generation_config ends
+    on the very token greedy decoding picks first shows an empty, ended sample; the base model does not stop."""
+    from minigpt2 import report
+
+    base = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
+    finetuned = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS, seed=1))
+    tok = Tokenizer()
+    prompt = tok.encode(DOCS[0])[:10]
+    with torch.no_grad():
+        first = int(finetuned(torch.tensor([prompt]))[0, -1].argmax())  # the hand-computed first greedy token
+    assert first != tok.eot_token
+    finetuned.generation_config.eos_token_id = first
+    shown = {}
+    real = report._sample
+    monkeypatch.setattr(report, "_sample", lambda model, *a: shown.setdefault(id(model), real(model, *a)))
+    val = np.array([t for doc in DOCS for t in [tok.eot_token] + tok.encode(doc)] * 3, dtype=np.uint16)
+    write_report(base, finetuned, val, tmp_path, strategies=["greedy"], max_new_tokens=5, prompts=[tok.decode(prompt)],
+                 n_bytes=1000)
+    (tuned,), (untouched,) = shown[id(finetuned)], shown[id(base)]
+    assert tuned.ended and tuned.tokens == []
+    assert not untouched.ended and len(untouched.tokens) == 5
