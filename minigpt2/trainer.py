@@ -232,6 +232,8 @@ class Trainer:
         self.best_step: int | None = None
         self.evals_without_improvement = 0
         self.bad_steps = 0
+        # The updates since the last metrics.jsonl line; checkpointed, so a resumed run writes the same lines.
+        self.log_window = _empty_window()
         self.last_saved_step: int | None = None
         self._stop_signal: str | None = None
         self._files_started = False
@@ -323,6 +325,7 @@ class Trainer:
         tracker = state["tracker"]
         self.best_val_loss, self.best_step = tracker["best_val_loss"], tracker["best_step"]
         self.evals_without_improvement = tracker["evals_without_improvement"]
+        self.log_window = state.get("log_window", _empty_window())
         self.last_saved_step = self.step
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -345,7 +348,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * self.dist.world_size
         bar = self._progress_bar()
         stopped_by = None
-        window = {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}  # since the last metrics line
+        window = self.log_window
         with self._signals_caught():
             while self.step < until and stopped_by is None:
                 started = time.perf_counter()
@@ -360,12 +363,12 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tokens_per_step / seconds:,.0f} tok/s")
-                if self.step % cfg.log_interval == 0 or self.step == until:
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     mean_loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
                     self._write_metrics({"step": self.step, "loss": mean_loss, "lr": lr,
                                          "grad_norm": norm, "tokens_per_s": tokens_per_step * window["steps"] /
                                          window["seconds"], "tokens": self.step * tokens_per_step})
-                    window = {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}
+                    window.update(_empty_window())
                 # A step that was due an evaluation gets it even when a signal stops the run there: otherwise the
                 # resumed run would never evaluate that step, and its best checkpoint and patience would differ.
                 at_eval = cfg.eval_interval and self.step % cfg.eval_interval == 0
@@ -510,7 +513,8 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "data": self.loader.state_dict(), "rng": rngs,
                      "tracker": {"best_val_loss": self.best_val_loss, "best_step": self.best_step,
-                                 "evals_without_improvement": self.evals_without_improvement}}
+                                 "evals_without_improvement": self.evals_without_improvement},
+                     "log_window": dict(self.log_window)}
             ckpt.save_checkpoint(self.out, self.step, self.raw_model, state)
             ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints, self._checkpoint_path(self.best_step))
         self.last_saved_step = self.step
@@ -611,6 +615,10 @@ class Trainer:
         """Leave the process group, if this run joined one."""
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}
 
 
 def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:

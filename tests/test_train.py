@@ -485,3 +485,19 @@ def test_triton_attention_with_dropout_warns_and_uses_sdpa(init_dir, monkeypatch
         model(torch.randint(0, 50257, (1, 8)))
     with pytest.raises(ConfigError, match="--attn_impl 'flash' is not one of"):
         TrainConfig(attn_impl="flash")
+
+
+def test_metrics_lines_are_resume_exact_with_a_log_interval(init_dir, prepared, tmp_path):
+    """Stopped mid-way through a logging window, the resumed run's metrics.jsonl lines (each averaging its window's
+    losses) equal the straight run's; only the measured speed differs."""
+    def lines(out: Path) -> list[dict]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    settings = dict(log_interval=3, eval_interval=0, max_steps=7)
+    Trainer(config(init_dir, prepared, tmp_path / "a", **settings)).train()
+    Trainer(config(init_dir, prepared, tmp_path / "b", **settings)).train(stop_after=4)
+    Trainer(config(init_dir, prepared, tmp_path / "b", resume="auto", **settings)).train()
+    straight = lines(tmp_path / "a")
+    assert [r["step"] for r in straight if "loss" in r] == [3, 6, 7]
+    assert lines(tmp_path / "b") == straight
