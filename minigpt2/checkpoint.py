@@ -71,16 +71,6 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Have `write(staging)` write a file beside `path`, then rename it over `path`: a kill never half-writes it."""
-    staging = path.with_name(f".tmp-{path.name}")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> None:
     """Clean up after a run killed while saving: delete half-written checkpoints (.tmp-*), and put back a replaced
     one (.old-*) whose replacement never arrived."""

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .atomic import write_atomically
 from .dataset import PreparedDataset
 from .errors import DataError
 from .prepare import prepare_dataset
@@ -119,24 +120,26 @@ def pydoc_topics(root: str | os.PathLike[str] | None = None) -> Iterator[str]:
 
 def write_documents(path: str | os.PathLike[str], *, progress: bool = True) -> int:
     """Write the corpus as JSON lines ({"text": ..., "module": ...}) to `path`; return the number of documents."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as out:
-        for module, file in tqdm(stdlib_modules(), desc="reading stdlib", unit=" modules", file=sys.stderr,
-                                 disable=None if progress else True, leave=False):
-            try:
-                source = file.read_text(encoding="utf-8")
-                documents = list(module_documents(module, source))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue  # a file the running Python cannot parse (e.g. a Python 2 fixture): not documentation
-            for text in documents:
-                out.write(json.dumps({"text": text, "module": module}, ensure_ascii=False) + "\n")
-            count += len(documents)
-        for text in pydoc_topics():
-            out.write(json.dumps({"text": text, "module": "pydoc_data.topics"}, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, target)
+
+    def write(staging: Path) -> None:
+        nonlocal count
+        with open(staging, "w", encoding="utf-8") as out:
+            for module, file in tqdm(stdlib_modules(), desc="reading stdlib", unit=" modules", file=sys.stderr,
+                                     disable=None if progress else True, leave=False):
+                try:
+                    source = file.read_text(encoding="utf-8")
+                    documents = list(module_documents(module, source))
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue  # a file the running Python cannot parse (e.g. a Python 2 fixture): not documentation
+                for text in documents:
+                    out.write(json.dumps({"text": text, "module": module}, ensure_ascii=False) + "\n")
+                count += len(documents)
+            for text in pydoc_topics():
+                out.write(json.dumps({"text": text, "module": "pydoc_data.topics"}, ensure_ascii=False) + "\n")
+                count += 1
+
+    write_atomically(path, write)
     return count
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import write_atomically
+from .atomic import write_text_atomically
 from .errors import ConfigError, DataError
 from .evaluate import evaluating, perplexity
 from .generation_config import STRATEGIES, GenerationConfig
@@ -167,7 +167,7 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
                      max_new_tokens, seed)
     paths = out / "report.html", out / "report.md"
     for path, text in zip(paths, (report.html(), report.markdown())):
-        write_atomically(path, lambda staging, text=text: staging.write_text(text, encoding="utf-8"))
+        write_text_atomically(path, text)
     return paths
 
 

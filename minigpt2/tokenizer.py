@@ -30,6 +30,7 @@ from pathlib import Path
 
 import tiktoken
 
+from .atomic import write_text_atomically
 from .errors import CheckpointError, DataError
 
 RANKS_FILE = "gpt2.tiktoken"
@@ -182,12 +183,6 @@ class Tokenizer:
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
         }
-        _write_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(out / "merges.txt", "\n".join(merges) + "\n")
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        write_text_atomically(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        write_text_atomically(out / "merges.txt", "\n".join(merges) + "\n")
+        write_text_atomically(out / "tokenizer_config.json", json.dumps(config, indent=2))

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .atomic import write_atomically
 from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
@@ -526,7 +527,7 @@ class Trainer:
         if best is None or not self.dist.is_main:
             return self.out if best is not None else None
         for name in MODEL_FILES:
-            ckpt.write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
+            write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
         return self.out
 
     def _checkpoint_path(self, step: int | None) -> Path | None:
@@ -557,7 +558,7 @@ class Trainer:
                 self._log(f"--overwrite: the previous run in {self.out} was moved to {set_aside.name} and will be "
                           "deleted after the first checkpoint")
             settings = json.dumps(self.config.to_dict(), indent=2) + "\n"
-            ckpt.write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
+            write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
             self._trim_metrics()
         self._files_started = True  # a second train() call continues this run's files
         self.dist.barrier()
@@ -569,7 +570,7 @@ class Trainer:
         kept = []
         if self.step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        ckpt.write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
+        write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -643,6 +644,6 @@ def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    ckpt.write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
+    write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
     plt.close(fig)
     return True

@@ -410,6 +410,22 @@ def test_pydocs_corpus_builds_from_the_running_python(tmp_path):
     assert default_corpus(out) == out and (out / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+def test_an_interrupted_corpus_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The corpus file, like every file minigpt2 writes, appears whole or not at all (atomic.write_atomically)."""
+    from minigpt2 import pydocs
+
+    def broken_topics():
+        yield "# pydoc topic: one\ntext"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pydocs, "pydoc_topics", broken_topics)
+    target = tmp_path / "pydocs.jsonl"
+    target.write_text("the previous corpus\n")
+    with pytest.raises(KeyboardInterrupt):
+        pydocs.write_documents(target, progress=False)
+    assert target.read_text() == "the previous corpus\n" and sorted(tmp_path.iterdir()) == [target]
+
+
 # -- the command line -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
