@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check the project has, in one run, for a session that is lent a CUDA GPU for a few minutes:
-#   1. the Triton kernel's tests on the GPU (tests/test_kernels.py picks CUDA when it is there),
+#   1. the tests that pick CUDA when it is there: the Triton kernel's (tests/test_kernels.py) and the decoding
+#      step's against the module forward and transformers (tests/test_decode_step.py),
 #   2. benchmarks/attention.py: the kernel's TFLOP/s against SDPA's flash backend, T = 1024 and 2048,
 #   3. benchmarks/train.py: gpt2 124M training steps, bf16, compiled, batch 16 x 1024, with SDPA and with the
 #      Triton attention, against transformers, and MFU against the card's bf16 peak (dropout 0, the usual setting
@@ -38,7 +39,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 failed=0
 for part in "${parts[@]}"; do
     case "$part" in
-        tests) run tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py || failed=$((failed + 1)) ;;
+        tests) run tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_step.py \
+                   || failed=$((failed + 1)) ;;
         attention) run attention 180 python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
         train) run train 360 python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
                    --compile --dropout 0 --attn_impls sdpa,triton --skip_classic --steps 10 --warmup 3 \

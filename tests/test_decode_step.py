@@ -3,6 +3,7 @@ module forward wherever the step would not compute the same."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -17,6 +18,10 @@ from minigpt2.kv_cache import KVCache
 from minigpt2.model import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# On a GPU the step is checked there too (benchmarks/gpu.sh runs this file): cuBLAS may pick another kernel for
+# addmm into a buffer than for F.linear, so there the module forward is the tolerance-bounded reference, not the bits.
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +46,38 @@ def batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
 def step_both_ways(model: GPT, ids, mask, new) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits of each new token, (rows, vocab), from DecodeStep and from the module forward, each on its own cache."""
     dtype = next(model.parameters()).dtype
-    caches = [KVCache(model.config, ids.shape[0], ids.shape[1] + new.shape[1], dtype=dtype) for _ in range(2)]
+    device = next(model.parameters()).device
+    ids, new = ids.to(device), new.to(device)
+    mask = None if mask is None else mask.to(device)
+    caches = [KVCache(model.config, ids.shape[0], ids.shape[1] + new.shape[1], dtype=dtype, device=device)
+              for _ in range(2)]
     fast, module = [], []
     with torch.inference_mode():
         for cache in caches:
             model(ids, attention_mask=mask, kv_cache=cache)
         step = DecodeStep(model, caches[0])
         for t in range(new.shape[1]):
-            grown = None if mask is None else torch.cat([mask, torch.ones(3, t + 1, dtype=torch.long)], 1)
+            grown = None if mask is None else torch.cat([mask, mask.new_ones(3, t + 1)], 1)
             fast.append(step(new[:, t], grown))
             module.append(model(new[:, t:t + 1], attention_mask=grown, kv_cache=caches[1])[:, -1])
     return fast, module
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_step_equals_transformers_and_the_module_forward(pair, padded):
+def test_step_equals_transformers_and_the_module_forward(pair, padded, device):
     ours, theirs = pair
+    if device != "cpu":
+        ours, theirs = copy.deepcopy(ours).to(device), copy.deepcopy(theirs).to(device)
     ids, mask, new = batch(padded)
     fast, module = step_both_ways(ours, ids, mask, new)
     for t in range(new.shape[1]):
-        assert torch.equal(fast[t], module[t])  # the same operations in the same order: the same bits
-        seqs = torch.cat([ids, new[:, :t + 1]], 1)
-        full_mask = None if mask is None else torch.cat([mask, torch.ones(3, t + 1, dtype=torch.long)], 1)
+        if device == "cpu":
+            assert torch.equal(fast[t], module[t])  # the same operations in the same order: the same bits
+        else:
+            torch.testing.assert_close(fast[t], module[t], rtol=1e-5, atol=1e-5)
+        seqs = torch.cat([ids, new[:, :t + 1]], 1).to(device)
+        full_mask = None if mask is None else torch.cat([mask, torch.ones(3, t + 1, dtype=torch.long)], 1).to(device)
         positions = None if full_mask is None else (full_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             expected = theirs(seqs, attention_mask=full_mask, position_ids=positions).logits[:, -1]
