@@ -17,6 +17,9 @@ Numerics: loads are cast to DOT_DTYPE (the input dtype on a GPU, so the matmuls 
 fp32 under the CPU interpreter, whose bf16 arithmetic is wrong), every matmul accumulates in fp32 and the softmax
 is computed in fp32. Scores are kept in base 2 (scaled by log2(e)) because exp2 is the cheap hardware instruction.
 
+Wrapping: the forward and backward launches are torch operators (`torch.ops.minigpt2.flash_attention_forward` and
+`..._backward`), tied together by an autograd.Function, so torch.compile keeps a whole model in one graph.
+
 TRITON_INTERPRET=1 must be set before this module is imported for the kernels to run on the CPU.
 """
 
@@ -366,12 +369,33 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return dq, dk, dv
 
 
+# The launches are registered as torch operators so that torch.compile treats each as one opaque call (shapes from
+# the fake versions below) instead of tracing into Triton's launcher, and graphs do not break at every attention.
+_forward_op = torch.library.custom_op("minigpt2::flash_attention_forward", _forward, mutates_args=(),
+                                      schema="(Tensor q, Tensor k, Tensor v, Tensor? key_real, float sm_scale) "
+                                             "-> (Tensor, Tensor)")
+_backward_op = torch.library.custom_op("minigpt2::flash_attention_backward", _backward, mutates_args=(),
+                                       schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+                                              "Tensor? key_real, float sm_scale) -> (Tensor, Tensor, Tensor)")
+
+
+@_forward_op.register_fake
+def _forward_shapes(q, k, v, key_real, sm_scale):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@_backward_op.register_fake
+def _backward_shapes(do, q, k, v, o, lse, key_real, sm_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_real: torch.Tensor | None) -> torch.Tensor:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-        o, lse = _forward(q, k, v, key_real, sm_scale)
+        o, lse = _forward_op(q, k, v, key_real, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse, key_real)
         ctx.sm_scale = sm_scale
         return o
@@ -379,7 +403,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, o, lse, key_real = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, key_real, ctx.sm_scale)
+        dq, dk, dv = _backward_op(do, q, k, v, o, lse, key_real, ctx.sm_scale)
         return dq, dk, dv, None
 
 

@@ -188,3 +188,31 @@ def test_gpt_triton_matches_sdpa(padded):
     torch.testing.assert_close(logits["triton"][real], logits["sdpa"][real], atol=1e-4, rtol=1e-4)
     for name, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["triton"][name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_kernels_are_torch_operators_that_compile():
+    """The launches are torch operators with shape-only (fake) versions: torch.library.opcheck validates their
+    schemas and fake versions, and a compiled GPT with attn_impl="triton" matches the eager one with SDPA."""
+    from minigpt2 import GPT, GPTConfig
+
+    q, k, v = random_qkv(2, 2, 40, 32, torch.float32)
+    pad = torch.ones(2, 40, dtype=torch.int8, device=DEVICE)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.minigpt2.flash_attention_forward, (q, k, v, pad, 0.2), test_utils=tests)
+    o, lse = torch.ops.minigpt2.flash_attention_forward(q, k, v, None, 0.2)
+    torch.library.opcheck(torch.ops.minigpt2.flash_attention_backward, (torch.randn_like(o), q, k, v, o, lse, None,
+                                                                       0.2), test_utils=tests)
+    models = {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=128, n_positions=64, attn_impl=impl,
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        models[impl] = GPT(config).to(DEVICE).train()
+    input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    compiled = torch.compile(models["triton"], fullgraph=True)  # fullgraph: no break at the kernel
+    outputs = {"triton": compiled(input_ids), "sdpa": models["sdpa"](input_ids)}
+    for out in outputs.values():
+        out.square().mean().backward()
+    torch.testing.assert_close(outputs["triton"], outputs["sdpa"], atol=1e-4, rtol=1e-4)
+    for (name, p), ref in zip(models["triton"].named_parameters(), models["sdpa"].parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
