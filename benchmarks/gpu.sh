@@ -11,8 +11,9 @@
 # parts that failed. It runs on the machine's own python3 and packages (torch, triton, transformers); minigpt2
 # is used from this checkout.
 #
-#   bash benchmarks/gpu.sh            all three (about 8 minutes on an H200, most of it compiling)
-#   bash benchmarks/gpu.sh tests attention    some of them
+#   bash benchmarks/gpu.sh            all three; each is cut at its own limit (2 + 2 + 5.5 minutes), so the
+#                                     whole run fits one 10-minute device call
+#   bash benchmarks/gpu.sh train      some of them (a part cut short can be rerun alone)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"
@@ -39,10 +40,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 failed=0
 for part in "${parts[@]}"; do
     case "$part" in
-        tests) run tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_step.py \
+        tests) run tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_decode_step.py \
                    || failed=$((failed + 1)) ;;
-        attention) run attention 180 python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
-        train) run train 360 python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
+        attention) run attention 120 python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
+        train) run train 330 python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
                    --compile --dropout 0 --attn_impls sdpa,triton --skip_classic --steps 10 --warmup 3 \
                    || failed=$((failed + 1)) ;;
         *) echo "benchmarks/gpu.sh: unknown part '$part' (tests, attention, train)" >&2; exit 2 ;;

@@ -113,11 +113,12 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     sys.exit(code or 0)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, *, training: bool = False) -> torch.device:
     """The torch device a --device flag names: "auto" is CUDA when torch sees a GPU, else the CPU.
 
     A bare "cuda" means this process's GPU (`local_rank` under torchrun). ConfigError for a name that is not a
-    device, a GPU that is not there, or a device type other than cpu and cuda (the only ones tested).
+    device or a device that is not there. Training runs on cpu and cuda only (the devices its mixed precision,
+    resume and DDP are tested on); evaluation and sampling take any device torch can use (mps, xpu, ...).
     """
     import torch  # here, so that the data-preparation command never loads torch
 
@@ -133,5 +134,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     elif device.type != "cpu":
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+        if training:
+            raise ConfigError(f"--device {name}: training runs on cpu and cuda only")
+        try:
+            usable = device.type != "meta" and torch.empty(1, device=device).device.type == device.type
+        except Exception:  # each backend fails its own way when absent: RuntimeError, AssertionError, ImportError...
+            usable = False
+        if not usable:
+            raise ConfigError(f"--device {name}: torch cannot compute on it on this machine; use --device cpu")
     return device

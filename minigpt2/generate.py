@@ -239,9 +239,7 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                           "sliding_window=True to drop the oldest tokens as the text grows")
     stop = StopStrings(config.stop_strings, tokenizer or Tokenizer()) if config.stop_strings else None
     rows_per_prompt = max(config.num_beams, config.num_return_sequences)
-    if config.pad_id is None and stop is not None and (B * config.num_return_sequences > 1 or config.num_beams > 1):
-        raise ConfigError("stop_strings with several sequences needs pad_token_id (or eos_token_id) to fill the "
-                          "sequences that stop before the others")
+    config.check_batch(B)
 
     rows = B * rows_per_prompt
     sequences = torch.empty(rows, T + new, dtype=torch.long, device=input_ids.device)

@@ -172,6 +172,14 @@ class GenerationConfig:
             return self.pad_token_id
         return self.eos_ids[0] if self.eos_ids else None
 
+    def check_batch(self, prompts: int) -> None:
+        """Raise ConfigError when `prompts` prompts cannot be continued together: with stop strings, the rows that
+        stop before the others need an id to be filled with."""
+        if self.pad_id is None and self.stop_strings and (prompts * self.num_return_sequences > 1
+                                                          or self.num_beams > 1):
+            raise ConfigError("stop_strings with several sequences needs pad_token_id (or eos_token_id) to fill the "
+                              "sequences that stop before the others")
+
     def new_tokens(self, prompt_length: int) -> int:
         """How many tokens to generate after a (padded) prompt of `prompt_length` tokens."""
         if self.max_new_tokens is not None:

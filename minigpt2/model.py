@@ -103,7 +103,7 @@ def _triton_available() -> bool:
     return kernels.is_available()
 
 
-def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: torch.dtype = torch.float16) -> str:
+def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: torch.dtype) -> str:
     """The attention to use on `device` for `dtype` activations: "auto" picks triton on a CUDA GPU with triton
     installed when attention runs in fp16 or bf16, else sdpa.
 
@@ -280,8 +280,8 @@ class GPT(nn.Module):
                                       self._attention_dtype(input_ids.device))
         if self.config.attn_impl == attn_impl == "triton" and self.training and self.config.attn_pdrop > 0:
             _warn_once(f"attn_impl='triton' has no attention dropout: training with attn_pdrop="
-                       f"{self.config.attn_pdrop} runs sdpa instead; set it to 0 (train.py --dropout 0) to train "
-                       "with the kernel")
+                       f"{self.config.attn_pdrop} runs sdpa (on a CPU, the naive attention) instead; set it to 0 "
+                       "(train.py --dropout 0) to train with the kernel")
         mask, key_padding = self._attention_mask(T, past, attention_mask, input_ids.device, attn_impl)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)

@@ -9,7 +9,8 @@ samples side by side, each with three figures from `quality.py` that point at wh
     repeated 3-gram rate      share of 3-grams seen earlier in the text high -> it is looping
     mean log-prob             the generating model's own confidence     high + looping -> degenerate; low -> erratic
 
-Both models get the same prompts, settings and random seed, so the differences come from the weights. Prompts not
+Both models get the same prompts, settings and random seed, so the differences come from the weights; from each
+model's own generation_config only how a text ends is taken (its eos and pad ids, its stop strings). Prompts not
 given are the openings of validation documents (drawn at evenly spaced documents: deterministic, and spread over the
 whole split). The result is one self-contained HTML page (inline CSS, no scripts, every sample HTML-escaped) and the
 same content as Markdown; both are written atomically, so a report on disk is always complete.
@@ -30,6 +31,7 @@ import torch
 from .atomic import write_text_atomically
 from .errors import ConfigError, DataError
 from .evaluate import evaluating, perplexity
+from .generate import StopStrings
 from .generation_config import STRATEGIES, GenerationConfig
 from .model import GPT
 from .quality import distinct_n, mean_logprob, repeated_ngram_rate
@@ -51,11 +53,12 @@ SUMMARY_HEADER = ["strategy", "model", "distinct-1", "distinct-2", "repeated 3-g
 
 @dataclass
 class Sample:
-    """One continuation and its figures; `ended` is True when the model chose <|endoftext|> before the limit."""
+    """One continuation and its figures. `ended` says why it stopped before the limit: "eos" (the model chose an
+    end-of-sequence id, which is not part of `tokens`), "stop string" (its text reached one), or None."""
 
     text: str
     tokens: list[int]
-    ended: bool
+    ended: str | None
     distinct_1: float
     distinct_2: float
     repeated_3: float
@@ -94,8 +97,8 @@ def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, promp
 
 def _sample(model: GPT, prompts: list[list[int]], config: GenerationConfig, seed: int,
             tokenizer: Tokenizer) -> list[Sample]:
-    """Continue every prompt in one left-padded batch; figures are computed on the tokens before the first
-    end-of-sequence token (config.eos_ids: <|endoftext|> for GPT-2)."""
+    """Continue every prompt in one left-padded batch; figures are computed on the tokens up to where each row
+    ended (rows that end early are padded after that, and the padding is not part of the sample)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), EOT_ID, dtype=torch.long)
@@ -106,18 +109,29 @@ def _sample(model: GPT, prompts: list[list[int]], config: GenerationConfig, seed
     generator = torch.Generator(device=device).manual_seed(seed)
     with evaluating(model):
         out = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             generator=generator)
+                             generator=generator, tokenizer=tokenizer).cpu()
+    stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     samples = []
     for row, prompt in enumerate(prompts):
-        new = out[row, width:].tolist()
-        end = next((i for i, token in enumerate(new) if token in config.eos_ids), None)
-        ended = end is not None
-        new = new[:end] if ended else new  # a row that ended early is padded after its end-of-sequence token
+        new, ended = _until_end(out[row], width, config, stop)
         samples.append(Sample(
             text=tokenizer.decode(new), tokens=new, ended=ended,
             distinct_1=distinct_n([new], 1), distinct_2=distinct_n([new], 2), repeated_3=repeated_ngram_rate(new, 3),
             mean_logprob=mean_logprob(model, prompt, new)))
     return samples
+
+
+def _until_end(sequence: torch.Tensor, start: int, config: GenerationConfig,
+               stop: StopStrings | None) -> tuple[list[int], str | None]:
+    """The tokens generate() chose for one row (after `start`), and why they ended, by the rules it stopped by:
+    an end-of-sequence id (left out), or the token that completes a stop string (kept)."""
+    new = sequence[start:].tolist()
+    for i, token in enumerate(new):
+        if token in config.eos_ids:
+            return new[:i], "eos"
+        if stop is not None and bool(stop(sequence[None, :start + i + 1])):
+            return new[:i + 1], "stop string"
+    return new, None
 
 
 def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarray, out_dir: str | os.PathLike[str],
@@ -140,17 +154,19 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     models = {base_name: base, finetuned_name: finetuned}
     if base_name == finetuned_name:
         models = {f"{base_name} (base)": base, f"{finetuned_name} (fine-tuned)": finetuned}
-    # Each preset over each model's own generate() defaults (its generation_config: eos ids, stop strings, ...),
-    # as sample.py does; checked before any work, so a typo fails in a second instead of after the perplexity pass.
-    configs = {strategy: {name: GenerationConfig.from_strategy(strategy, model.generation_config,
-                                                               max_new_tokens=max_new_tokens, num_return_sequences=1)
-                          for name, model in models.items()} for strategy in strategies}
     if prompts is not None:
         encoded = [tokenizer.encode(p) for p in prompts]
         if not encoded or not all(encoded):
             raise DataError("prompts must be a non-empty list of non-empty texts")
     else:
         encoded = draw_prompts(val_tokens, num_prompts, prompt_tokens)
+    # Checked before any work, so a typo fails in a second instead of after the perplexity pass.
+    configs = {strategy: {name: GenerationConfig.from_strategy(strategy, _ending(model.generation_config),
+                                                               max_new_tokens=max_new_tokens, num_return_sequences=1)
+                          for name, model in models.items()} for strategy in strategies}
+    for per_model in configs.values():
+        for config in per_model.values():
+            config.check_batch(len(encoded))
     out = Path(out_dir)
     try:  # before the work, not after it
         out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +185,13 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     for path, text in zip(paths, (report.html(), report.markdown())):
         write_text_atomically(path, text)
     return paths
+
+
+def _ending(config: GenerationConfig) -> GenerationConfig:
+    """The defaults, with only how `config` ends a text: every other setting comes from the preset, alike for both
+    models, so that their samples differ by the weights alone."""
+    return GenerationConfig.from_kwargs(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                                        stop_strings=config.stop_strings)
 
 
 @dataclass
@@ -238,7 +261,7 @@ class _Report:
                 parts.append('<div class="pair">')
                 for name in self.names:
                     s = self.samples[strategy][name][i]
-                    end = '<span class="end">&lt;|endoftext|&gt;</span>' if s.ended else ""
+                    end = f'<span class="end">{e(_end_marker(s))}</span>' if s.ended else ""
                     parts.append(f'<div class="sample"><h4>{e(name)}</h4>'
                                  f'<pre><span class="echo">{e(prompt)}</span>{e(s.text)}{end}</pre>'
                                  f'<p class="figures">{e(_figures(s))}</p></div>')
@@ -261,8 +284,14 @@ class _Report:
                 for name in self.names:
                     s = self.samples[strategy][name][i]
                     lines += [f"**{_md_text(name)}**: {_figures(s)}", "",
-                              *_md_code(prompt + s.text + ("<|endoftext|>" if s.ended else "")), ""]
+                              *_md_code(prompt + s.text + _end_marker(s)), ""]
         return "\n".join(lines)
+
+
+def _end_marker(s: Sample) -> str:
+    """A note after a sample that ended by itself, saying how; not a token's text, which could be anything (a
+    fine-tuned model's eos id need not be <|endoftext|>)."""
+    return f" [ended: {s.ended}]" if s.ended else ""
 
 
 def _num(x: float) -> str:

@@ -89,7 +89,9 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many updates in a row skipped "
                                "for a non-finite loss (fp16 overflows that the loss scaler handles do not count)"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
-    log_interval: int = field(default=10, metadata={"help": "write a metrics.jsonl line every N updates"})
+    log_interval: int = field(default=10, metadata={"help": "write a metrics.jsonl line every N updates (means "
+                              "over them); a run stopped in between keeps the partial window in its checkpoint, "
+                              "and the resumed run folds it into its next line"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     # After training (train.py).
     samples: int = field(default=3, metadata={"help": "samples printed when training ends (0: none)"})

@@ -201,7 +201,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.dist = init_distributed(config.device)
-        self.device = resolve_device(config.device, self.dist.local_rank)
+        self.device = resolve_device(config.device, self.dist.local_rank, training=True)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.out = Path(config.out)
         if self.dist.is_main:

@@ -338,5 +338,75 @@ def test_report_decodes_with_each_models_generation_config(hf_checkpoint, tmp_pa
     write_report(base, finetuned, val, tmp_path, strategies=["greedy"], max_new_tokens=5, prompts=[tok.decode(prompt)],
                  n_bytes=1000)
     (tuned,), (untouched,) = shown[id(finetuned)], shown[id(base)]
-    assert tuned.ended and tuned.tokens == []
-    assert not untouched.ended and len(untouched.tokens) == 5
+    assert tuned.ended == "eos" and tuned.tokens == []
+    assert untouched.ended is None and len(untouched.tokens) == 5
+
+
+def _greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by hand: argmax of the full forward, one token at a time (no cache, no generate())."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_report_cuts_stop_string_rows_before_their_padding(hf_checkpoint, tmp_path, monkeypatch):
+    """A row that stops on a stop string ends with the token that completes it, whatever id pads it afterwards;
+    the other row runs to the limit. Expected tokens are hand-computed greedy continuations."""
+    from minigpt2 import report
+
+    model = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
+    tok = Tokenizer()
+    prompts = [tok.encode(DOCS[0])[:8], tok.encode(DOCS[1])[:10]]
+    greedy = [_greedy(model, p, 6) for p in prompts]
+    stop = tok.decode(greedy[0][1:2])
+    assert stop not in tok.decode(greedy[0][:1]) and stop not in tok.decode(prompts[1] + greedy[1])
+    model.generation_config.eos_token_id = None  # rows are then filled with pad_token_id, not an end id
+    model.generation_config.pad_token_id = greedy[0][0]  # an id the sample itself holds: no trailing-run guess
+    model.generation_config.stop_strings = [stop]
+    shown = []
+    real = report._sample
+    monkeypatch.setattr(report, "_sample", lambda *a: shown.append(real(*a)) or shown[-1])
+    val = np.array([t for doc in DOCS for t in [tok.eot_token] + tok.encode(doc)] * 3, dtype=np.uint16)
+    _, md_path = write_report(model, model, val, tmp_path, strategies=["greedy"], max_new_tokens=6,
+                              prompts=[tok.decode(p) for p in prompts], n_bytes=1000)
+    stopped, full = shown[0]
+    assert stopped.tokens == greedy[0][:2] and stopped.ended == "stop string"
+    assert full.tokens == greedy[1] and full.ended is None
+    assert "[ended: stop string]" in md_path.read_text(encoding="utf-8")
+
+
+def test_report_takes_only_the_endings_from_each_generation_config(hf_checkpoint, tmp_path, monkeypatch):
+    """Sampling settings in a model's generation_config do not reach the report: both models run the preset."""
+    from minigpt2 import report
+    from minigpt2.generation_config import STRATEGIES
+
+    base = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
+    finetuned = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS, seed=1))
+    finetuned.generation_config.temperature = 0.05
+    finetuned.generation_config.repetition_penalty = 3.0
+    finetuned.generation_config.eos_token_id = 11
+    used = {}
+    monkeypatch.setattr(report, "_sample", lambda model, prompts, config, *a: used.setdefault(id(model), config)
+                        and [report.Sample("", [], None, 0.0, 0.0, 0.0, 0.0)] * len(prompts))
+    tok = Tokenizer()
+    val = np.array([t for doc in DOCS for t in [tok.eot_token] + tok.encode(doc)] * 3, dtype=np.uint16)
+    write_report(base, finetuned, val, tmp_path, strategies=["top-p"], max_new_tokens=4, prompts=["Hello"],
+                 n_bytes=1000)
+    theirs, ours = used[id(finetuned)], used[id(base)]
+    assert theirs.temperature == ours.temperature == STRATEGIES["top-p"].get("temperature", 1.0)
+    assert theirs.repetition_penalty == ours.repetition_penalty == 1.0
+    assert (theirs.eos_token_id, ours.eos_token_id) == (11, tok.eot_token)
+
+
+def test_report_refuses_unfillable_stop_strings_before_any_work(hf_checkpoint, tmp_path, monkeypatch):
+    from minigpt2 import report
+
+    model = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
+    model.generation_config.eos_token_id = None
+    model.generation_config.stop_strings = ["."]
+    monkeypatch.setattr(report, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
+    with pytest.raises(ConfigError, match="stop_strings with several sequences needs pad_token_id"):
+        write_report(model, model, np.zeros(100, dtype=np.uint16), tmp_path, strategies=["greedy"],
+                     prompts=["One", "Two"])

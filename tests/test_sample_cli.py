@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2LMHeadModel
 
-from minigpt2 import GPT, Tokenizer
+from minigpt2 import GPT, ConfigError, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -147,6 +147,7 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--max_new_tokens", "500"], "context"),
     (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
     (["--prompt", "x", "--device", "gpu0"], "--device"),
+    (["--prompt", "x", "--device", "meta"], "torch cannot compute on it"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
     argv = [a.format(missing=tmp_path / "missing") for a in argv]
@@ -163,3 +164,20 @@ def test_script_exits_2_without_traceback(tmp_path):
                              "x"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resolve_device_names_the_device_or_refuses_it():
+    """Sampling takes any device torch can compute on; training only cpu and cuda; a GPU must be there."""
+    from minigpt2.cli import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="training runs on cpu and cuda only"):
+        resolve_device("meta", training=True)
+    with pytest.raises(ConfigError, match="torch cannot compute on it"):
+        resolve_device("meta")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", local_rank=0, training=True) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ConfigError, match="torch sees none"):
+            resolve_device("cuda")
