@@ -427,15 +427,19 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
             ended[:] = True
 
         # 3. finished hypotheses: old slots and newly ended candidates compete, best `beams` kept
+        # Penalties are added, not set: a candidate a processor banned (-inf) must stay below an empty slot (NEG),
+        # and the additions run in transformers' order, so that float32 rounding ranks alike.
         new_length = length + 1 - T
-        eligible = ended & in_top_beams & improvable
+        just_ended = ended & in_top_beams
+        final_scores = cand_scores / new_length ** config.length_penalty
         if config.early_stopping is True:
-            eligible &= ~done_flags.all(-1, keepdim=True)
-        final_scores = torch.where(eligible, cand_scores / new_length ** config.length_penalty, NEG)
+            final_scores = final_scores + done_flags.all(-1, keepdim=True) * NEG
+        final_scores = final_scores + ~improvable * NEG
+        final_scores = final_scores + ~just_ended * NEG
         keep = torch.topk(torch.cat([done_scores, final_scores], 1), beams).indices
         done = torch.cat([done, cand], 1).gather(1, keep[:, :, None].expand(-1, -1, max_len))
         done_scores = torch.cat([done_scores, final_scores], 1).gather(1, keep)
-        done_flags = torch.cat([done_flags, eligible], 1).gather(1, keep)
+        done_flags = torch.cat([done_flags, just_ended], 1).gather(1, keep)
         done_lengths = torch.cat([done_lengths, torch.full_like(cand_scores, new_length, dtype=torch.long)],
                                  1).gather(1, keep)
 

@@ -110,6 +110,10 @@ def _sort_finite(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if kept * 4 > scores.shape[-1]:
         return torch.sort(scores)
     values, order = torch.topk(scores, kept)  # descending
+    if bool(((values[:, 1:] == values[:, :-1]) & (values[:, 1:] > NEG_INF)).any()):
+        # Equal scores: sort's order among them (unspecified, but the same for the same input) decides which one a
+        # nucleus edge drops, and topk's differs; only the full sort drops the same token as transformers.
+        return torch.sort(scores)
     return values.flip(-1), order.flip(-1)
 
 

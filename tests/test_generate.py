@@ -200,6 +200,32 @@ def test_generate_leaves_an_ordinary_trainable_model():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("k", [0, 5, 50])
+def test_warpers_equal_transformers_on_tied_scores(k):
+    """Each sampling warper against transformers' own on scores with many exact ties (rounded to halves), after
+    top_k or not: which of equal tokens a nucleus edge drops must agree too, not only the untied cases."""
+    from transformers.generation import logits_process as hf
+
+    from minigpt2 import logits_process as ours
+
+    g = torch.Generator().manual_seed(k)
+    for trial in range(30):
+        scores = (torch.randn(3, 1000, generator=g) * 6).round() / 2
+        ids = torch.randint(0, 1000, (3, 7), generator=g)
+        keep = 1 + trial % 3
+        if k:
+            scores = ours.top_k(ids, scores, k=k, min_keep=keep)
+            assert torch.equal(scores, hf.TopKLogitsWarper(k, min_tokens_to_keep=keep)(ids, scores.clone()))
+        for mine, theirs in [
+            (lambda s: ours.top_p(ids, s, p=0.7, min_keep=keep), hf.TopPLogitsWarper(0.7, min_tokens_to_keep=keep)),
+            (lambda s: ours.min_p(ids, s, ratio=0.2, min_keep=keep), hf.MinPLogitsWarper(0.2, min_tokens_to_keep=keep)),
+            (lambda s: ours.typical_p(ids, s, mass=0.8, min_keep=keep),
+             hf.TypicalLogitsWarper(0.8, min_tokens_to_keep=keep)),
+            (lambda s: ours.repetition_penalty(ids, s, penalty=1.3), hf.RepetitionPenaltyLogitsProcessor(1.3)),
+        ]:
+            assert torch.equal(mine(scores.clone()), theirs(ids, scores.clone())), (trial, theirs)
+
+
 # --- beam search --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_beams", [2, 4])
@@ -246,6 +272,21 @@ def test_beam_sampling_matches_transformers(pair):
     for seed in (0, 1):
         assert_same(pair, ids, mask, seed=seed, num_beams=3, do_sample=True, num_return_sequences=2,
                     max_new_tokens=10, temperature=0.7, top_k=0)
+
+
+def test_beam_search_never_returns_a_banned_token(pair, hf_checkpoint):
+    """With fewer allowed continuations than hypotheses to return, the missing ones are padding, not tokens a
+    processor set to -inf (which once tied with the empty slots' score and were returned)."""
+    ids, mask = prompts(48, (5, 8))
+    for seed in (0, 1):
+        out = assert_same(pair, ids, mask, seed=seed, num_beams=4, num_return_sequences=4, do_sample=True, top_k=2,
+                          max_new_tokens=1)
+        assert out[:, -1].view(2, 4)[:, 2:].eq(EOT).all()  # two tokens allowed per prompt: the rest is padding
+    path = hf_checkpoint(n_layer=1, n_head=2, n_embd=32, vocab_size=16, n_positions=32)
+    small = GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()
+    out = assert_same(small, torch.arange(14)[None], num_beams=4, num_return_sequences=4, no_repeat_ngram_size=1,
+                      max_new_tokens=1, eos_token_id=[15], pad_token_id=15)
+    assert set(out[:, -1].tolist()) <= {14, 15}  # every prompt token is banned by no_repeat_ngram_size=1
 
 
 # --- batches, the cache, the context -------------------------------------------------------------------------------
