@@ -133,7 +133,8 @@ class Tokenizer:
             return self._enc.encode(text, allowed_special={EOT_TEXT})
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 8) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False,
+                     num_threads: int = 8) -> list[list[int]]:
         """`encode` over many texts, in parallel threads (tiktoken releases the GIL)."""
         if allow_special:
             return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special={EOT_TEXT})
