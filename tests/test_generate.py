@@ -8,6 +8,7 @@ side's call: both draw with one torch.multinomial per step on the same probabili
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -376,10 +377,20 @@ def test_sliding_window_predicts_each_token_from_its_window(pair):
 
 
 def test_sliding_window_accepts_a_prompt_longer_than_the_context(pair):
-    ours, _ = pair
-    ids, _ = prompts(19, (ours.config.n_positions + 5,))
-    out = ours.generate(ids, max_new_tokens=3, eos_token_id=None, sliding_window=True)
-    assert out.shape[1] == ids.shape[1] + 3 and out[:, :ids.shape[1]].tolist() == ids.tolist()
+    """The prompt keeps its newest n_positions tokens; from then on each token comes from transformers' argmax over
+    the window of the sliding rule, across two restarts of the window."""
+    ours, theirs = pair
+    n = ours.config.n_positions
+    ids, _ = prompts(19, (n + 5,))
+    out = ours.generate(ids, max_new_tokens=n // 2 + 8, eos_token_id=None, sliding_window=True)
+    assert out.shape[1] == ids.shape[1] + n // 2 + 8 and out[:, :ids.shape[1]].tolist() == ids.tolist()
+    start = ids.shape[1] - n  # the first token sees the prompt's last n tokens
+    with torch.no_grad():
+        for column in range(ids.shape[1], out.shape[1]):
+            if column - start > n:  # the window would outgrow the context: it restarts with its newest half
+                start = column - n // 2
+            logits = theirs(out[:, start:column]).logits[0, -1]
+            assert int(logits.argmax()) == int(out[0, column]), column
 
 
 # --- stop strings and streaming ------------------------------------------------------------------------------------
@@ -593,9 +604,23 @@ def test_small_vocabulary_model_saved_by_minigpt2_generates(tmp_path):
 
 
 def test_strategy_presets():
-    for name in STRATEGIES:
-        config = GenerationConfig.from_strategy(name, max_new_tokens=5)
-        assert config.max_new_tokens == 5
-    assert GenerationConfig.from_strategy("top-p").top_p < 1 and GenerationConfig.from_strategy("beam").num_beams > 1
+    """Each preset is the documented defaults (transformers', GPT-2's eos) with the settings of "How to generate
+    text" (Hugging Face, 2020) for that strategy on top, and flags given with a preset win over it."""
+    defaults = dict(max_new_tokens=None, max_length=None, min_new_tokens=0, do_sample=False, temperature=1.0,
+                    top_k=50, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                    num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+                    eos_token_id=50256, pad_token_id=None, stop_strings=None, sliding_window=False)
+    documented = {
+        "greedy": dict(),
+        "beam": dict(num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
+        "sample": dict(do_sample=True, top_k=0),
+        "top-k": dict(do_sample=True, top_k=50),
+        "top-p": dict(do_sample=True, top_k=0, top_p=0.92),
+    }
+    assert list(STRATEGIES) == list(documented)
+    for name, settings in documented.items():
+        assert dataclasses.asdict(GenerationConfig.from_strategy(name)) == {**defaults, **settings}, name
+        overridden = GenerationConfig.from_strategy(name, max_new_tokens=5, top_k=7)
+        assert dataclasses.asdict(overridden) == {**defaults, **settings, "max_new_tokens": 5, "top_k": 7}, name
     with pytest.raises(ConfigError, match="strategy"):
         GenerationConfig.from_strategy("nucleus")

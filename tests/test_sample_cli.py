@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2LMHeadModel
 
-from minigpt2 import GPT, ConfigError, Tokenizer
+from minigpt2 import ConfigError, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,15 +36,30 @@ def run(argv, capsys):
     return exit_info.value.code, out, err
 
 
-def test_greedy_output_is_generate_with_the_same_settings(model_dir, capsys):
+def transformers_output(directory, prompt: str, seed: int | None = None, **settings) -> str:
+    """What sample.py should print: transformers' generate() of `prompt` with `settings`, each row cut at its first
+    end-of-sequence token, under a `=== sample i/n ===` header when there are several."""
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode(prompt)])
+    ref = GPT2LMHeadModel.from_pretrained(directory).eval()
+    eos = settings.get("eos_token_id", ref.generation_config.eos_token_id)
+    if seed is not None:
+        torch.manual_seed(seed)  # the same random stream as sample.py's own generator seeded by --seed
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0 if eos is None else eos,
+                           **settings)
+    rows = [row[:row.index(eos)] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+    if len(rows) == 1:
+        return prompt + tok.decode(rows[0]) + "\n"
+    return "".join(f"=== sample {i + 1}/{len(rows)} ===\n{prompt}{tok.decode(row)}\n" for i, row in enumerate(rows))
+
+
+def test_greedy_output_is_transformers_generate_with_the_same_settings(model_dir, capsys):
     code, out, _ = run(["--model", model_dir, "--prompt", "The answer is", "--max-new-tokens", 9,
                         "--repetition_penalty", 1.3, "--eos-token-id", "none"], capsys)
     assert code == 0
-    tok = Tokenizer()
-    ids = torch.tensor([tok.encode("The answer is")])
-    expected = GPT.from_pretrained(model_dir).generate(ids, max_new_tokens=9, repetition_penalty=1.3,
-                                                       eos_token_id=None)
-    assert out == "The answer is" + tok.decode(expected[0, ids.shape[1]:].tolist()) + "\n"
+    assert out == transformers_output(model_dir, "The answer is", max_new_tokens=9, do_sample=False,
+                                      repetition_penalty=1.3, eos_token_id=None)
 
 
 def test_stream_prints_the_same_text(model_dir, capsys):
@@ -67,21 +82,24 @@ def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys):
     assert run([*args, "--stream"], capsys)[1] == expected
 
 
-def test_seeded_samples_are_reproducible(model_dir, capsys, tmp_path):
+def test_top_p_samples_are_transformers_samples_with_the_same_seed(model_dir, capsys, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("It was a dark", encoding="utf-8")
     args = ["--model", model_dir, "--prompt_file", prompt, "--strategy", "top-p", "--top_p", 0.8, "--num_samples", 2,
             "--seed", 4, "--max_new_tokens", 6]
-    first, second = run(args, capsys), run(args, capsys)
-    assert first[0] == 0 and first[1] == second[1]
-    assert first[1].count("=== sample") == 2
-    assert run([*args[:-4], "--seed", 5, "--max_new_tokens", 6], capsys)[1] != first[1]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    assert out == transformers_output(model_dir, "It was a dark", seed=4, do_sample=True, top_k=0, top_p=0.8,
+                                      num_return_sequences=2, max_new_tokens=6)
+    assert run([*args[:-4], "--seed", 5, "--max_new_tokens", 6], capsys)[1] != out
 
 
-def test_beam_preset_with_overrides(model_dir, capsys):
+def test_beam_preset_with_overrides_is_transformers_beam_search(model_dir, capsys):
     code, out, _ = run(["--model", model_dir, "--prompt", "Hi", "--strategy", "beam", "--num_beams", 3,
                         "--num_samples", 2, "--early_stopping", "never", "--max_new_tokens", 5], capsys)
-    assert code == 0 and out.count("=== sample") == 2
+    assert code == 0
+    assert out == transformers_output(model_dir, "Hi", do_sample=False, num_beams=3, no_repeat_ngram_size=2,
+                                      early_stopping="never", num_return_sequences=2, max_new_tokens=5)
 
 
 def test_compare_prints_every_strategy_with_figures(model_dir, capsys):

@@ -304,14 +304,69 @@ def test_checkpoint_loads_in_transformers_with_equal_logits(init_dir, prepared, 
         assert torch.allclose(ours(x), theirs(x).logits, atol=1e-5)
 
 
+def test_update_equals_a_reference_loop_with_torch_adamw_and_clip_grad_norm(init_dir, prepared, tmp_path):
+    """Three updates of the Trainer (grad_accum 2, clipping on) equal a loop written with transformers' GPT-2,
+    F.cross_entropy, clip_grad_norm_ and torch.optim.AdamW on the same batches. Adam divides a constant gradient
+    scale away, and clipping every update would too; so the clip bites only the first update, and a large eps makes
+    the update depend on the scale: a missing or doubled `/ grad_accum` then shows far above the tolerance."""
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    peak, min_lr_ratio, accum, clip, eps = 3e-3, 0.1, 2, 2.0, 1e-3
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, warmup_steps=1, grad_accum=accum, lr=peak,
+                             min_lr_ratio=min_lr_ratio, grad_clip=clip, eps=eps, weight_decay=0.1, dropout=0.0,
+                             eval_interval=0))
+    batches = []
+    next_batch = trainer.loader.next_batch
+    trainer.loader.next_batch = lambda: batches.append(next_batch()) or batches[-1]
+    result = trainer.train()
+    assert result.step == 3 and len(batches) == 3
+
+    reference = GPT2LMHeadModel.from_pretrained(init_dir, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0).train()
+    named = list(reference.named_parameters())
+    no_decay = [p for name, p in named if name.endswith(".bias") or ".ln_" in name]
+    decay = [p for name, p in named if not (name.endswith(".bias") or ".ln_" in name)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=peak, betas=(0.9, 0.95), eps=eps)
+    # The documented schedule for warmup 1, max_steps 3: peak at step 0 (1/1 of warmup), then cosine from the peak
+    # (progress 0) to halfway down to min_lr (progress 1/2, cos(pi/2) = 0).
+    min_lr = peak * min_lr_ratio
+    rates = [peak, peak, min_lr + (peak - min_lr) * 0.5]
+    norms = []
+    for lr, (x, y) in zip(rates, batches):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = x.shape[0] // accum
+        for i in range(accum):
+            rows = slice(i * micro, (i + 1) * micro)
+            logits = reference(x[rows]).logits
+            (F.cross_entropy(logits.flatten(0, 1), y[rows].flatten()) / accum).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert norms[0] > clip > norms[-1], norms  # clipped at first, not at the end: the gradient's scale matters
+
+    ours = weights(result.last_checkpoint)
+    for name, p in named:
+        torch.testing.assert_close(ours[name], p.detach(), atol=2e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_gradient_checkpointing_and_bf16_train(init_dir, prepared, tmp_path):
-    plain = Trainer(config(init_dir, prepared, tmp_path / "a", max_steps=2, eval_interval=0, dropout=0.0)).train()
-    recomputed = Trainer(config(init_dir, prepared, tmp_path / "b", max_steps=2, eval_interval=0, dropout=0.0,
-                                gradient_checkpointing=True)).train()
+    """Recomputed activations give fp32's weights; bf16 autocast gives fp32's losses to bf16 rounding. bf16 rounds
+    each value by up to 2^-9 relative (0.02 of a loss near 10.8); a loss, a mean over many tokens, agrees better
+    still. So 0.02 nats is bf16-sized, and a tenth of the 0.2 by which one update here lowers the loss."""
+    common = dict(max_steps=2, eval_interval=0, dropout=0.0)
+    plain = Trainer(config(init_dir, prepared, tmp_path / "a", **common)).train()
+    recomputed = Trainer(config(init_dir, prepared, tmp_path / "b", gradient_checkpointing=True, **common)).train()
     a, b = weights(plain.last_checkpoint), weights(recomputed.last_checkpoint)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    bf16 = Trainer(config(init_dir, prepared, tmp_path / "c", max_steps=2, eval_interval=2, dtype="bf16")).train()
-    assert bf16.best_val_loss is not None and bf16.best_val_loss < 20
+    bf16 = Trainer(config(init_dir, prepared, tmp_path / "c", dtype="bf16", **common)).train()
+    fp32_losses, bf16_losses = losses(tmp_path / "a"), losses(tmp_path / "c")
+    assert len(bf16_losses) == 2 and bf16_losses != fp32_losses  # autocast really ran in bf16
+    assert bf16_losses == pytest.approx(fp32_losses, abs=0.02)
+    assert bf16.best_val_loss == pytest.approx(plain.best_val_loss, abs=0.02)  # after the bf16 run's updates
+    assert bf16_losses[1] < bf16_losses[0] and bf16.best_val_loss < bf16_losses[0]  # and it learned
 
 
 def test_fp16_loss_scaler_skips_overflows_without_stopping(init_dir, prepared, tmp_path, monkeypatch):
@@ -330,10 +385,13 @@ def test_fp16_loss_scaler_skips_overflows_without_stopping(init_dir, prepared, t
 
 
 def test_fp16_on_cpu_and_auto_dtype():
+    """"auto" on a CPU is bf16 exactly where the CPU has AMX tiles, as the kernel reports them in /proc/cpuinfo."""
     device = torch.device("cpu")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         trainer_module.resolve_dtype("fp16", device)
-    assert trainer_module.resolve_dtype("auto", device) in ("fp32", "bf16")
+    flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    assert trainer_module.resolve_dtype("auto", device) == ("bf16" if "amx_tile" in flags else "fp32")
 
 
 def test_overwrite_replaces_a_run_only_after_its_first_checkpoint(init_dir, prepared, tmp_path):
