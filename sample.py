@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import add_flag, make_parser, parse_bool, resolve_device, run_main
+from minigpt2.cli import add_flag, make_parser, parse_bool, parse_seed, resolve_device, run_main
 from minigpt2.errors import ConfigError, DataError
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", "--num-samples", dest="num_return_sequences", type=int,
                         default=argparse.SUPPRESS, metavar="N", help="continuations to print (same as "
                                                                      "--num_return_sequences)")
-    add_flag(parser, "seed", type=int, help="seed of the sampler, for reproducible samples")
+    add_flag(parser, "seed", type=parse_seed, help="seed of the sampler, for reproducible samples")
     add_flag(parser, "stream", action="store_true", help="print the text as it is generated")
     add_flag(parser, "strategy", choices=list(STRATEGIES), help="a named preset of generation settings")
     add_flag(parser, "compare", action="store_true", help="run every --strategy on the prompt, side by side")

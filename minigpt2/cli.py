@@ -52,6 +52,20 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
+
+
+def parse_seed(text: str) -> int:
+    """Parse a --seed: a whole number torch's random generators accept, 0 to 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {value}")
+    return value
+
+
 def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
     """The string -> value converter and metavar for a dataclass field type (Optional[X] accepts 'none')."""
     origin = typing.get_origin(tp)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_flag, make_parser, resolve_device, run_main
+from .cli import add_flag, make_parser, parse_seed, resolve_device, run_main
 from .errors import ConfigError, DataError
 from .generation_config import STRATEGIES
 from .model import GPT
@@ -279,7 +279,7 @@ def _report_parser():
     add_flag(parser, "strategies", default=None, metavar="LIST",
              help=f"comma-separated decoding presets (default: all of {','.join(STRATEGIES)})")
     add_flag(parser, "max_new_tokens", type=int, default=60, metavar="N", help="tokens per sample (default 60)")
-    add_flag(parser, "seed", type=int, default=0, help="seed of the sampling strategies (default 0)")
+    add_flag(parser, "seed", type=parse_seed, default=0, help="seed of the sampling strategies (default 0)")
     return parser
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli import MAX_SEED
 from .config import ATTN_IMPLS
 from .errors import ConfigError
 from .schedule import SCHEDULES
@@ -116,6 +117,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -176,7 +179,7 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: not a readable TOML file ({exc})") from None
     settings = {key.replace("-", "_"): value for key, value in data.items()}
     nested = [key for key, value in settings.items() if isinstance(value, dict)]

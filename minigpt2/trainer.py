@@ -207,8 +207,16 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
-        replacing = self.resume_from is None and not config.resume and not config.overwrite
-        if self.dist.is_main and replacing and previous_run(self.out):
+        # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
+        self._continues_out = self.resume_from is not None and \
+            self.resume_from.resolve().parent == self.out.resolve()
+        if self.dist.is_main and not config.overwrite and not self._continues_out and previous_run(self.out):
+            if config.resume == "auto":
+                raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
+                                  "--overwrite to start again, or choose another --out")
+            if self.resume_from is not None:
+                raise ConfigError(f"{self.out} already holds a training run that --resume {config.resume} would "
+                                  "replace; pass --overwrite to replace it, or choose another --out")
             raise ConfigError(f"{self.out} already holds a training run; pass --resume auto to continue it, "
                               "--overwrite to replace it, or choose another --out")
         state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
@@ -548,7 +556,7 @@ class Trainer:
                 raise ConfigError(f"--out {self.out}: cannot create the directory ({exc.strerror}); choose another "
                                   "--out") from None
             ckpt.remove_stale_temporaries(self.out)
-            replacing = self.config.overwrite and self.resume_from is None and not self._files_started
+            replacing = self.config.overwrite and not self._continues_out and not self._files_started
             old = previous_run(self.out) if replacing else []
             if old:
                 set_aside = self.out / f".replaced-run-{os.getpid()}"

@@ -1,4 +1,4 @@
-"""The quality figures: distinct-n and repeated n-gram rate on hand-counted cases, mean log-prob against transformers."""
+"""quality.py: distinct-n and repeated n-gram rate on hand-counted cases, mean log-prob against transformers."""
 
 from __future__ import annotations
 

@@ -166,6 +166,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
     (["--prompt", "x", "--device", "gpu0"], "--device"),
     (["--prompt", "x", "--device", "meta"], "torch cannot compute on it"),
+    (["--prompt", "x", "--seed", str(2**64)], "--seed: must be between 0 and 2**64 - 1"),
+    (["--prompt", "x", "--seed", "-1"], "--seed: must be between 0 and 2**64 - 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
     argv = [a.format(missing=tmp_path / "missing") for a in argv]

@@ -441,7 +441,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     out = tmp_path / "run"
     Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2)).train()
     before = tree(out)
+    Trainer(config(init_dir, prepared, tmp_path / "other", max_steps=1, eval_interval=1)).train()
+    other_before = tree(tmp_path / "other")
     good = ["--init", init_dir, "--data", prepared, "--out", out, "--block_size", 32, "--device", "cpu"]
+    binary_toml = tmp_path / "binary.toml"
+    binary_toml.write_bytes(b"\xdc\xff seed = 1")
     cases = {
         "unknown flag": [*good, "--bogus", 1],
         "bad value": [*good, "--max_steps", "ten"],
@@ -451,8 +455,12 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
                          "--block_size", 32],
         "existing run": good,
         "missing config file": [*good, "--config", tmp_path / "nope.toml"],
+        "config not UTF-8": [*good, "--config", binary_toml],
+        "seed past 64 bits": [*good, "--seed", 2**64],
         "out is a file": [*good[:4], "--out", out / "train_config.json", *good[6:]],
         "resume past max_steps": [*good, "--resume", "auto", "--max_steps", 1],
+        "resume elsewhere into a run": [*good[:4], "--out", tmp_path / "other", *good[6:], "--resume", out,
+                                        "--max_steps", 3],
     }
     errors = {}
     for what, flags in cases.items():
@@ -465,7 +473,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
     assert "is a file, not a directory" in errors["out is a file"]
     assert "--max_steps above 2" in errors["resume past max_steps"]
-    assert tree(out) == before
+    assert "not a readable TOML file" in errors["config not UTF-8"]
+    assert "--seed must be between 0 and 2**64 - 1" in errors["seed past 64 bits"]
+    elsewhere = errors["resume elsewhere into a run"]
+    assert "--resume" in elsewhere and "--overwrite" in elsewhere
+    assert tree(out) == before and tree(tmp_path / "other") == other_before
     assert not (tmp_path / "new").exists()
 
 
