@@ -94,6 +94,8 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise ConfigError("give --prompt or --prompt_file, not both")
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise DataError(f"--prompt_file {path}: is a directory; pass a text file")
         if not path.is_file():
             raise DataError(f"--prompt_file {path}: no such file")
         try:
@@ -105,7 +107,8 @@ def read_prompt(args: argparse.Namespace) -> str:
     else:
         raise ConfigError("no prompt: pass --prompt TEXT or --prompt_file PATH")
     if not prompt.strip():
-        raise ConfigError("the prompt is empty; give some text to continue")
+        where = f"--prompt_file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
+        raise ConfigError(f"{where}: the prompt is empty; give some text to continue")
     return prompt
 
 

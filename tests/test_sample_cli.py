@@ -161,6 +161,7 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--early_stopping", "maybe"], "early_stopping"),
     (["--prompt", "   "], "prompt is empty"),
     (["--prompt_file", "{missing}"], "no such file"),
+    (["--prompt_file", "{tmp}"], "is a directory; pass a text file"),
     ([], "no prompt"),
     (["--prompt", "x", "--max_new_tokens", "500"], "context"),
     (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
@@ -170,7 +171,7 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--seed", "-1"], "--seed: must be between 0 and 2**64 - 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
-    argv = [a.format(missing=tmp_path / "missing") for a in argv]
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
     if "--model" not in argv:
         argv = ["--model", model_dir, *argv]
     code, out, err = run(argv, capsys)
