@@ -112,12 +112,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_interval", "patience", "seed", "samples",
+        non_negative = ("warmup_steps", "eval_interval", "patience", "samples",
                         "sample_tokens", "weight_decay", "grad_clip", "eps")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.seed > MAX_SEED:
+        if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")

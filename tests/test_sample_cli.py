@@ -36,11 +36,10 @@ def run(argv, capsys):
     return exit_info.value.code, out, err
 
 
-def transformers_output(directory, prompt: str, seed: int | None = None, **settings) -> str:
-    """What sample.py should print: transformers' generate() of `prompt` with `settings`, each row cut at its first
-    end-of-sequence token, under a `=== sample i/n ===` header when there are several."""
-    tok = Tokenizer()
-    ids = torch.tensor([tok.encode(prompt)])
+def transformers_rows(directory, prompt: str, seed: int | None = None, **settings) -> list[list[int]]:
+    """transformers' generate() of `prompt` with `settings`: the new tokens of each row, cut at its first
+    end-of-sequence token (the checkpoint's unless `settings` names one)."""
+    ids = torch.tensor([Tokenizer().encode(prompt)])
     ref = GPT2LMHeadModel.from_pretrained(directory).eval()
     eos = settings.get("eos_token_id", ref.generation_config.eos_token_id)
     if seed is not None:
@@ -48,10 +47,20 @@ def transformers_output(directory, prompt: str, seed: int | None = None, **setti
     with torch.no_grad():
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0 if eos is None else eos,
                            **settings)
-    rows = [row[:row.index(eos)] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+    return [row[:row.index(eos)] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+
+
+def printed(prompt: str, rows: list[list[int]]) -> str:
+    """What sample.py prints for `rows`: prompt and text, under a `=== sample i/n ===` header when there are several."""
+    tok = Tokenizer()
     if len(rows) == 1:
         return prompt + tok.decode(rows[0]) + "\n"
     return "".join(f"=== sample {i + 1}/{len(rows)} ===\n{prompt}{tok.decode(row)}\n" for i, row in enumerate(rows))
+
+
+def transformers_output(directory, prompt: str, seed: int | None = None, **settings) -> str:
+    """What sample.py should print: `printed` of `transformers_rows`."""
+    return printed(prompt, transformers_rows(directory, prompt, seed, **settings))
 
 
 def test_greedy_output_is_transformers_generate_with_the_same_settings(model_dir, capsys):
@@ -140,17 +149,10 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     preset's settings) overriding theirs."""
     code, out, _ = run(["--model", configured_dir, "--prompt", "The answer is", "--seed", 2, *flags], capsys)
     assert code == 0
-    tok = Tokenizer()
-    ids = torch.tensor([tok.encode("The answer is")])
-    ref = GPT2LMHeadModel.from_pretrained(configured_dir).eval()
-    torch.manual_seed(2)  # the same random stream as sample.py's own generator seeded by --seed 2
-    with torch.no_grad():
-        new = ref.generate(ids, attention_mask=torch.ones_like(ids), **overrides)[0, ids.shape[1]:].tolist()
-    eos = ref.generation_config.eos_token_id
-    text = tok.decode(new[:new.index(eos)] if eos in new else new)
-    assert out == "The answer is" + text + "\n"
+    rows = transformers_rows(configured_dir, "The answer is", seed=2, **overrides)
+    assert out == printed("The answer is", rows)
     if overrides.get("do_sample") is False and overrides["num_beams"] == 1:
-        assert len(new) < 7  # greedy reaches the checkpoint's end-of-sequence id
+        assert len(rows[0]) < 6  # greedy ends on the checkpoint's end-of-sequence id, the 6th new token or sooner
 
 
 @pytest.mark.parametrize(("argv", "message"), [
