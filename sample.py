@@ -28,7 +28,7 @@ from minigpt2 import GPT, Tokenizer
 from minigpt2.cli import add_flag, make_parser, parse_bool, parse_seed, resolve_device, run_main
 from minigpt2.errors import ConfigError, DataError
 from minigpt2.generate import TextStream, stream_generate
-from minigpt2.generation_config import STRATEGIES, GenerationConfig
+from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
 from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
 
@@ -66,9 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "model", required=True, help="Hub id (gpt2, gpt2-medium, ...) or a save_pretrained directory")
     add_flag(parser, "prompt", help="the text to continue")
     add_flag(parser, "prompt_file", help="read the prompt from this UTF-8 file instead")
-    parser.add_argument("--num_samples", "--num-samples", dest="num_return_sequences", type=int,
-                        default=argparse.SUPPRESS, metavar="N", help="continuations to print (same as "
-                                                                     "--num_return_sequences)")
+    add_flag(parser, "num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
+             help="continuations to print (same as --num_return_sequences)")
     add_flag(parser, "seed", type=parse_seed, help="seed of the sampler, for reproducible samples")
     add_flag(parser, "stream", action="store_true", help="print the text as it is generated")
     add_flag(parser, "strategy", choices=list(STRATEGIES), help="a named preset of generation settings")
@@ -114,7 +113,25 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def settings_from_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
     """The generation settings given explicitly on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if hasattr(args, f.name)}
+    if hasattr(args, "num_samples"):
+        given = settings.setdefault("num_return_sequences", args.num_samples)
+        if given != args.num_samples:
+            raise ConfigError(f"--num_samples {args.num_samples} and --num_return_sequences {given} disagree; they "
+                              "are the same setting, give one of them")
+    return settings
+
+
+def explain(exc: SettingError, args: argparse.Namespace) -> str:
+    """A generation setting's error in the command line's terms: the flag that gave the value, else the checkpoint's
+    settings or the defaults. (A --strategy preset sets only values that are valid on their own, so it is never the
+    one named, though it may be what a named value clashes with.)"""
+    name = exc.name
+    if name == "num_return_sequences" and hasattr(args, "num_samples"):
+        name = "num_samples"
+    if hasattr(args, name):
+        return exc.as_flag(name)
+    return f"{name}={exc.value!r} (no flag set it: it is {args.model}'s setting or the default): {exc.why}"
 
 
 def continuation(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -173,6 +190,14 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return sample(args)
+    except SettingError as exc:
+        raise ConfigError(explain(exc, args)) from None
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Everything `main` does once the flags are parsed."""
     prompt = read_prompt(args)
     settings = settings_from_flags(args)
     samples = settings.pop("num_return_sequences", None) if args.compare else None

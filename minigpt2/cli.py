@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, MiniGPT2Error
@@ -23,10 +26,38 @@ EXIT_USAGE = 2
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse exits with status 2 on bad flags already; keep its message to one line."""
+    """argparse exits with status 2 on bad flags already; keep its message to one line, and suggest the flag a
+    misspelled one was meant to be."""
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            guess = next(filter(None, map(self._meant, extras)), None)
+            self.error(f"{message}; did you mean {guess}?" if guess else message)
+        return namespace
+
+    def _meant(self, typed: str) -> str | None:
+        """The one flag `typed` most likely misspells (in its dash style), or None: the flag it is the start of
+        (--temp), else the closest by spelling (--tempreture)."""
+        if not typed.startswith("--"):
+            return None
+        word = typed.split("=")[0][2:]
+        names = {s[2:].replace("-", "_") for action in self._actions for s in action.option_strings
+                 if s.startswith("--")}
+        key = word.replace("-", "_")
+        starts = [name for name in names if name.startswith(key)]
+        if starts:
+            found = starts if len(starts) == 1 else []  # --n could start any of several: no guess
+        else:
+            found = difflib.get_close_matches(key, names, n=1)
+        if not found:
+            return None
+        return "--" + (found[0].replace("_", "-") if "-" in word else found[0])
 
 
 def make_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -114,8 +145,19 @@ def dataclass_from_flags(cls: type, namespace: argparse.Namespace, base: dict[st
     return cls(**values)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    # The default format adds the warning's file, line number and source line: noise to someone running a command.
+    # Other kinds than a plain UserWarning (a library's FutureWarning, ...) keep their kind and where they came from.
+    if category is UserWarning:
+        return f"warning: {message}\n"
+    return f"warning: {category.__name__} from {Path(filename).name}:{lineno}: {message}\n"
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
-    """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2."""
+    """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, and warnings into
+    `warning: ...` lines."""
+    default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         code = main(argv)
     except MiniGPT2Error as exc:
@@ -124,6 +166,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.formatwarning = default_format  # for a caller that runs a command in its own process (tests)
     sys.exit(code or 0)
 
 

@@ -13,6 +13,7 @@ from .errors import CheckpointError, ConfigError
 
 EOT_ID = 50256  # <|endoftext|>: GPT-2 uses it as both start and end of text
 ATTN_IMPLS = ("naive", "sdpa", "triton", "auto")
+HUB_ORG = "openai-community/"  # where the Hub keeps OpenAI's GPT-2 checkpoints; "gpt2" is short for theirs
 
 
 @dataclass
@@ -58,10 +59,9 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or `tiny` for tests and quick runs."""
-        key = name.removeprefix("openai-community/")
-        if key not in PRESETS:
+        if not is_preset(name):
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[key], **overrides)
+        return dataclasses.replace(PRESETS[name.removeprefix(HUB_ORG)], **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` that transformers' GPT2Config reads."""
@@ -125,3 +125,8 @@ PRESETS: dict[str, GPTConfig] = {
     # Same vocabulary and head size as GPT-2, a fraction of the depth and width: trains from scratch on a laptop.
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=256, n_positions=256),
 }
+
+
+def is_preset(name: str) -> bool:
+    """Whether `name` is a preset's name, spelled bare (gpt2) or with the Hub's organisation (openai-community/gpt2)."""
+    return name.removeprefix(HUB_ORG) in PRESETS

@@ -17,5 +17,14 @@ class DataError(MiniGPT2Error):
     """Input text or a prepared dataset is missing, malformed or too small."""
 
 
+class PrepareOptionError(DataError):
+    """Input text that one of data/prepare.py's options would read: `option` names it (e.g. "--errors"), so that
+    train.py, which prepares with the default options, can say where to pass it."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class ConfigError(MiniGPT2Error, ValueError):
     """A setting (flag, config field, generation argument) has an invalid value."""

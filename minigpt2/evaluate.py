@@ -27,6 +27,7 @@ Bits per byte, loss_sum / (ln 2 * n_bytes), compares models with different token
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from .cli import add_flag, make_parser, parse_seed, resolve_device, run_main
 from .errors import ConfigError, DataError
-from .generation_config import STRATEGIES
+from .generation_config import STRATEGIES, SettingError
 from .model import GPT
 from .tokenizer import EOT_ID, Tokenizer
 
@@ -102,15 +103,14 @@ def perplexity(model: GPT, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
     n_positions = model.config.n_positions
     context = n_positions if context is None else context
     if not 1 <= context <= n_positions:
-        raise ConfigError(f"context={context} must be between 1 and the model's n_positions={n_positions}")
+        raise SettingError("context", context, f"must be between 1 and the model's n_positions={n_positions}")
     stride = max(1, context // 2) if stride is None else stride
     if not 1 <= stride <= context:
-        raise ConfigError(f"stride={stride} must be between 1 and the context of {context} tokens; a larger stride "
-                          "would leave tokens between windows unscored")
+        raise SettingError("stride", stride, f"must be between 1 and the context of {context} tokens; a larger "
+                           "stride would leave tokens between windows unscored")
     if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be at least 1")
-    if len(tokens) < 2:
-        raise DataError(f"the text has {len(tokens)} token(s); perplexity needs at least 2 (one to predict from)")
+        raise SettingError("batch_size", batch_size, "must be at least 1")
+    _check_scorable(tokens)
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= model.config.vocab_size:
         raise DataError(f"token id {high if high >= model.config.vocab_size else low} is outside the model's "
@@ -143,6 +143,13 @@ def perplexity(model: GPT, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
         "stride": stride,
         "bits_per_byte": loss_sum / (math.log(2) * n_bytes) if n_bytes else None,
     }
+
+
+def _check_scorable(tokens: Sequence[int] | np.ndarray) -> None:
+    """DataError unless `tokens` are long enough for perplexity: one token to predict from, one to predict."""
+    if len(tokens) < 2:
+        raise DataError(f"the text has {len(tokens)} token(s); perplexity needs at least 2 (one to predict from), "
+                        "so use a longer text")
 
 
 @contextlib.contextmanager
@@ -195,7 +202,8 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise DataError(f"{path}: the folder holds no {' or '.join(TEXT_SUFFIXES)} files and no val.bin")
+            raise DataError(f"{path}: the folder holds no {' or '.join(TEXT_SUFFIXES)} files and no val.bin; add "
+                            "text files to it, or pass a text file or a dataset folder written by data/prepare.py")
     else:
         files = [path]
     texts = [_read_utf8(file) for file in files]
@@ -213,7 +221,7 @@ def _read_utf8(file: Path) -> str:
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
     except OSError as exc:
-        raise DataError(f"{file}: cannot be read ({exc.strerror})") from None
+        raise DataError(f"{file}: cannot be read ({exc.strerror}); pass a readable text file") from None
 
 
 def _load_prepared(directory: Path, tokenizer: Tokenizer) -> EvalText:
@@ -276,16 +284,43 @@ def _report_parser():
     add_flag(parser, "prompts_file", default=None, metavar="FILE", help="prompts, one per line")
     add_flag(parser, "num_prompts", type=int, default=4, metavar="N",
              help="prompts drawn from the text when none are given (default 4)")
-    add_flag(parser, "strategies", default=None, metavar="LIST",
+    add_flag(parser, "strategies", type=_parse_strategies, default=None, metavar="LIST",
              help=f"comma-separated decoding presets (default: all of {','.join(STRATEGIES)})")
     add_flag(parser, "max_new_tokens", type=int, default=60, metavar="N", help="tokens per sample (default 60)")
     add_flag(parser, "seed", type=parse_seed, default=0, help="seed of the sampling strategies (default 0)")
     return parser
 
 
+def _parse_strategies(text: str) -> list[str]:
+    """Parse --strategies: one or more comma-separated names of generation_config.STRATEGIES."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown or not names:
+        problem = f"unknown strategy {unknown[0]!r}" if unknown else "no strategy named"
+        raise argparse.ArgumentTypeError(f"{problem}; choose from {','.join(STRATEGIES)}")
+    return names
+
+
+@contextlib.contextmanager
+def _named_by(flag: str, path: str) -> Iterator[None]:
+    """DataErrors about the file `--flag path` names, starting with the flag (the library's start with the path)."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"--{flag} {path}: {str(exc).removeprefix(f'{Path(path)}: ')}") from None
+
+
+def _load_text(path: str) -> EvalText:
+    """--text, read and checked before any model is loaded: a text too short to score fails in a second."""
+    with _named_by("text", path):
+        text = load_eval_text(path)
+        _check_scorable(text.tokens)
+    return text
+
+
 def _run_perplexity(args) -> int:
     device = resolve_device(args.device)
-    text = load_eval_text(args.text)
+    text = _load_text(args.text)
     model = load_model(args.model, device)
     result = perplexity(model, text.tokens, context=args.context, stride=args.stride, batch_size=args.batch_size,
                         progress=not args.quiet, n_bytes=text.n_bytes)
@@ -307,15 +342,21 @@ def _run_report(args) -> int:
     from .report import write_report
 
     prompts = list(args.prompt or [])
+    if not all(prompt.strip() for prompt in prompts):
+        raise ConfigError("--prompt: a prompt is empty; give some text to continue")
     if args.prompts_file:
-        prompts += [line for line in _read_utf8(Path(args.prompts_file)).splitlines() if line.strip()]
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
+        with _named_by("prompts_file", args.prompts_file):
+            lines = [line for line in _read_utf8(Path(args.prompts_file)).splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"--prompts_file {args.prompts_file}: holds no non-blank line; write one prompt per "
+                            "line, or leave the flag out to draw prompts from --text")
+        prompts += lines
     device = resolve_device(args.device)
-    text = load_eval_text(args.text)
+    text = _load_text(args.text)
     base = load_model(args.base, device)
     finetuned = load_model(args.finetuned, device)
     html_path, md_path = write_report(
-        base, finetuned, text.tokens, args.out, prompts=prompts or None, strategies=strategies,
+        base, finetuned, text.tokens, args.out, prompts=prompts or None, strategies=args.strategies,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_name=args.base, finetuned_name=args.finetuned,
         num_prompts=args.num_prompts, context=args.context, stride=args.stride, batch_size=args.batch_size,
         n_bytes=text.n_bytes, text_name=text.source, progress=not args.quiet)
@@ -327,9 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`evaluate --model M --text PATH [...]` prints perplexity; `evaluate report --base ... --finetuned ...` writes
     the before/after report."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        return _run_report(_report_parser().parse_args(argv[1:]))
-    return _run_perplexity(_perplexity_parser().parse_args(argv))
+    report = argv[:1] == ["report"]
+    args = _report_parser().parse_args(argv[1:]) if report else _perplexity_parser().parse_args(argv)
+    try:
+        return _run_report(args) if report else _run_perplexity(args)
+    except SettingError as exc:  # the library spells a setting as its keyword (stride=0); this one came from a flag
+        if exc.name not in vars(args):
+            raise
+        raise ConfigError(exc.as_flag()) from None
 
 
 def cli() -> None:

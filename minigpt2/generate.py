@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .decode_step import Step, decoding_step
 from .errors import ConfigError
-from .generation_config import GenerationConfig
+from .generation_config import GenerationConfig, SettingError
 from .kv_cache import KVCache
 from .logits_process import Processor, apply_processors, build_processors
 from .prepack import prepacked, use_decoding_layout
@@ -225,8 +225,8 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise ConfigError(f"input_ids holds ids outside the model's vocabulary of {vocab} tokens")
     for name, ids in (("eos_token_id", config.eos_ids), ("pad_token_id", [config.pad_token_id or 0])):
         if any(i >= vocab for i in ids):
-            raise ConfigError(f"{name}={getattr(config, name)!r} is outside the model's vocabulary of {vocab} tokens; "
-                              "pass an id below it, or None")
+            raise SettingError(name, getattr(config, name), f"is outside the model's vocabulary of {vocab} tokens; "
+                               "pass an id below it, or None")
 
     attention_mask = _attention_mask(input_ids, attention_mask, config)
     new = config.new_tokens(T)

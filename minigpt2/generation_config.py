@@ -16,12 +16,14 @@ The decoding strategy follows from three settings, as in transformers:
     num_beams  > 1, do_sample True   -> beam search whose candidates are sampled instead of taken best-first
 
 `validate()` rejects settings that cannot mean anything (temperature 0 with sampling, top_p 1.5, ...) with a
-ConfigError naming the setting; `STRATEGIES` holds the named presets that `sample.py --strategy` offers.
+SettingError (a ConfigError) naming the setting; `STRATEGIES` holds the named presets that `sample.py --strategy`
+offers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,25 @@ INERT_SETTINGS = frozenset({
     "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size",
     "transformers_version", "_from_model_config", "_commit_hash",
 })
+
+
+class SettingError(ConfigError):
+    """One generation setting is out of range or contradicts another. `name`, `value` and `why` are kept apart so
+    that a command line can say which flag, preset or file the value came from."""
+
+    def __init__(self, name: str, value: Any, why: str) -> None:
+        super().__init__(f"{name}={value!r}: {why}")
+        self.name, self.value, self.why = name, value, why
+
+    def as_flag(self, flag: str | None = None) -> str:
+        """The message for a command line where `--flag` (default: the setting's name) gave the value."""
+        if isinstance(self.value, bool):
+            shown = str(self.value).lower()  # as typed: --do_sample true
+        elif isinstance(self.value, list):
+            shown = ",".join(map(str, self.value))  # --eos_token_id 1,2
+        else:
+            shown = str(self.value)
+        return f"--{flag or self.name} {shown}: {self.why}"
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -186,8 +207,8 @@ class GenerationConfig:
             return self.max_new_tokens
         if self.max_length is not None:
             if self.max_length <= prompt_length:
-                raise ConfigError(f"max_length={self.max_length} leaves no room after the prompt of {prompt_length} "
-                                  "tokens; raise it or set max_new_tokens instead")
+                raise SettingError("max_length", self.max_length, f"leaves no room after the prompt of "
+                                   f"{prompt_length} tokens; raise it or set max_new_tokens instead")
             return self.max_length - prompt_length
         return DEFAULT_NEW_TOKENS
 
@@ -195,7 +216,7 @@ class GenerationConfig:
         """Raise ConfigError naming the first setting that is out of range or contradicts another."""
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+                raise SettingError(name, getattr(self, name), why)
 
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
@@ -205,17 +226,17 @@ class GenerationConfig:
         need(isinstance(self.do_sample, bool), "do_sample", "must be true or false")
         if self.do_sample:
             need(_is_number(self.temperature) and self.temperature > 0, "temperature",
-                 "must be > 0 when sampling (for deterministic output use do_sample=False)")
+                 "must be finite and > 0 when sampling (for deterministic output use do_sample=False)")
         need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
         need(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 disables it)")
         need(self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1), "min_p", "must be in [0, 1]")
         need(_is_number(self.typical_p) and 0 < self.typical_p <= 1, "typical_p", "must be in (0, 1] (1 disables it)")
         need(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-             "must be > 0 (1 disables it, > 1 discourages repeats)")
+             "must be finite and > 0 (1 disables it, > 1 discourages repeats)")
         need(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
              "must be an integer >= 0 (0 disables it)")
         need(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "must be an integer >= 1")
-        need(_is_number(self.length_penalty), "length_penalty", "must be a number")
+        need(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
         # `1 in (True, False)` is true in Python, so integers are refused explicitly
         need(self.early_stopping in (True, False, "never") and not _is_int(self.early_stopping),
              "early_stopping", "must be True, False or 'never'")
@@ -243,7 +264,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # inf and nan are floats, but no setting means anything at them (a temperature of inf turns -inf logits to nan)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # The decoding strategies of the classic recipe ("How to generate text", Hugging Face, 2020), by name. Each is a set of

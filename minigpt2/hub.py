@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
+from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
 from .generation_config import GenerationConfig
 from .model import GPT
@@ -46,7 +46,7 @@ def hub_repo_id(name: str) -> str | None:
     `../runs/x` that does not exist is reported as a missing directory, not sent to the Hub.
     """
     if name in OFFICIAL:
-        return f"openai-community/{name}"
+        return HUB_ORG + name
     if not _REPO_ID.match(name):
         return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -42,10 +42,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import removed_if_failed
 from .cleaning import Cleaner, CleaningOptions, Deduplicator
 from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, run_main
 from .dataset import FORMAT, TOKEN_DTYPE, PreparedDataset, is_prepared
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, PrepareOptionError
 from .sources import ERROR_MODES, Source
 from .tokenizer import RANKS_SHA256, Tokenizer
 
@@ -86,7 +87,7 @@ def prepare_dataset(source: str | os.PathLike[str], out_dir: str | os.PathLike[s
     reader = Source(source, text_field=text_field, csv_column=csv_column, separator=separator, errors=errors)
     out = Path(out_dir)
     started = time.perf_counter()
-    with _Staging(out) as scratch:
+    with removed_if_failed(out), _Staging(out) as scratch:
         packer = _Packer(reader, options, workers)
         packer.run(scratch / "all.bin", progress)
         lengths = np.frombuffer(packer.lengths, dtype=np.int64)
@@ -205,8 +206,12 @@ def _batches(documents: Iterator[str], max_chars: int = BATCH_CHARS) -> Iterator
 def _choose_val(n_documents: int, val_fraction: float, seed: int, reader: Source) -> np.ndarray:
     """A boolean mask over documents: max(1, round(N * val_fraction)) of them, drawn with `seed`, go to val."""
     if n_documents < 2:
-        raise DataError(f"{reader.path} has a single document, so none is left for validation after the split; "
-                        "separate documents with blank lines (or --separator), or add more documents")
+        single = f"{reader.path} has a single document, so none is left for validation after the split"
+        if not reader.is_folder and reader.path.suffix.lower() == ".txt":  # the one kind --separator splits
+            raise PrepareOptionError(f"{single}; separate documents with blank lines (or --separator), or add more "
+                                     "documents", "--separator")
+        raise DataError(f"{single}; add more documents (a folder's files, a .json/.jsonl file's records and a "
+                        ".csv file's rows are one document each, an .md file is one)")
     n_val = min(n_documents - 1, max(1, round(n_documents * val_fraction)))
     is_val = np.zeros(n_documents, dtype=bool)
     is_val[np.random.default_rng(seed).choice(n_documents, size=n_val, replace=False)] = True

@@ -55,9 +55,11 @@ def mean_logprob(model: torch.nn.Module, prompt_ids: Sequence[int] | torch.Tenso
                  continuation_ids: Sequence[int] | torch.Tensor) -> float:
     """Mean log-probability (natural log) per token of `continuation_ids` following `prompt_ids`, under `model`.
 
-    One forward pass over prompt + continuation; position t's logits score token t + 1, as in training. When the
-    two together exceed the model's context, the oldest prompt tokens are dropped (a continuation longer than the
-    context keeps only its scorable tail). Returns NaN for an empty continuation: there is nothing to average.
+    One forward pass over prompt + continuation less its last token (no prediction is needed after it); position t's
+    logits score token t + 1, as in training. When that is longer than the model's context, the oldest tokens are
+    dropped, so each continuation token is scored with up to n_positions tokens before it; a continuation longer
+    than the context keeps only its last n_positions tokens. Returns NaN for an empty continuation: there is
+    nothing to average.
     """
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().tolist()
     continuation = torch.as_tensor(continuation_ids, dtype=torch.long).flatten().tolist()
@@ -66,15 +68,14 @@ def mean_logprob(model: torch.nn.Module, prompt_ids: Sequence[int] | torch.Tenso
     if not continuation:
         return float("nan")
     context = model.config.n_positions
-    tokens = (prompt + continuation)[-context:]
-    scored = min(len(continuation), len(tokens) - 1)  # the window's first token has no context to be scored in
+    tokens = prompt + continuation
+    window = tokens[:-1][-context:]
+    scored = min(len(continuation), len(window))
     device = next(model.parameters()).device
-    ids = torch.tensor([tokens], device=device)
     was_training = model.training
     model.eval()  # dropout would make the figure random
     try:
-        logits = model(ids)[0, -scored - 1:-1].float()  # the predictions of the last `scored` tokens
+        logits = model(torch.tensor([window], device=device))[0, -scored:].float()  # predictions of the last tokens
     finally:
         model.train(was_training)
-    targets = ids[0, -scored:]
-    return -F.cross_entropy(logits, targets).item()
+    return -F.cross_entropy(logits, torch.tensor(tokens[-scored:], device=device)).item()

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import write_text_atomically
-from .errors import ConfigError, DataError
+from .atomic import removed_if_failed, write_text_atomically
+from .errors import DataError
 from .evaluate import evaluating, perplexity
 from .generate import StopStrings
-from .generation_config import STRATEGIES, GenerationConfig
+from .generation_config import STRATEGIES, GenerationConfig, SettingError
 from .model import GPT
 from .quality import distinct_n, mean_logprob, repeated_ngram_rate
 from .tokenizer import EOT_ID, Tokenizer
@@ -72,7 +72,7 @@ def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, promp
     evenly spaced positions instead. A prompt never crosses a document boundary; duplicates are dropped.
     """
     if num_prompts < 1:
-        raise ConfigError(f"num_prompts={num_prompts} must be at least 1 (or pass prompts)")
+        raise SettingError("num_prompts", num_prompts, "must be at least 1 (or pass prompts)")
     tokens = np.asarray(val_tokens)
     doc_starts = np.flatnonzero(tokens[:-1] == EOT_ID) + 1
     if len(doc_starts) >= num_prompts:
@@ -168,22 +168,23 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
         for config in per_model.values():
             config.check_batch(len(encoded))
     out = Path(out_dir)
-    try:  # before the work, not after it
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create the report folder {out} ({exc.strerror}); choose another --out") from None
+    with removed_if_failed(out):
+        try:  # before the work, not after it: an unusable --out fails in a second
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the report folder {out} ({exc.strerror}); choose another --out") from None
+        if context is None:
+            context = min(base.config.n_positions, finetuned.config.n_positions)
+        scores = {name: perplexity(model, val_tokens, context=context, stride=stride, batch_size=batch_size,
+                                   progress=progress, n_bytes=n_bytes) for name, model in models.items()}
+        samples = {strategy: {name: _sample(models[name], encoded, config, seed, tokenizer)
+                              for name, config in per_model.items()} for strategy, per_model in configs.items()}
 
-    context = context or min(base.config.n_positions, finetuned.config.n_positions)
-    scores = {name: perplexity(model, val_tokens, context=context, stride=stride, batch_size=batch_size,
-                               progress=progress, n_bytes=n_bytes) for name, model in models.items()}
-    samples = {strategy: {name: _sample(models[name], encoded, config, seed, tokenizer)
-                          for name, config in per_model.items()} for strategy, per_model in configs.items()}
-
-    report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
-                     max_new_tokens, seed)
-    paths = out / "report.html", out / "report.md"
-    for path, text in zip(paths, (report.html(), report.markdown())):
-        write_text_atomically(path, text)
+        report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
+                         max_new_tokens, seed)
+        paths = out / "report.html", out / "report.md"
+        for path, text in zip(paths, (report.html(), report.markdown())):  # both rendered before either is written
+            write_text_atomically(path, text)
     return paths
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, PrepareOptionError
 
 FOLDER_SUFFIXES = (".txt", ".md")
 FILE_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv")
@@ -131,9 +131,9 @@ class Source:
         except UnicodeDecodeError as exc:
             if self.errors == "strict":
                 bad = raw[exc.start:exc.end]
-                raise DataError(f"{file.path}: invalid UTF-8 byte {bad!r} at byte offset {offset + exc.start}; "
-                                "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass --errors "
-                                "replace to substitute U+FFFD") from None
+                raise PrepareOptionError(f"{file.path}: invalid UTF-8 byte {bad!r} at byte offset "
+                                         f"{offset + exc.start}; convert the file to UTF-8 (e.g. iconv -f latin1 -t "
+                                         "utf-8) or pass --errors replace to substitute U+FFFD", "--errors") from None
         text = raw.decode("utf-8", errors="replace")
         file.replaced += text.count("\ufffd") - raw.count("\ufffd".encode())  # U+FFFD already in the file is fine
         return text
@@ -277,8 +277,8 @@ class Source:
                 return
             if self.csv_column not in header:
                 columns = ", ".join(repr(c) for c in header) or "none"
-                raise DataError(f"{file.path}: no column {self.csv_column!r} in the header row (columns: {columns});"
-                                " pass --csv-column NAME")
+                raise PrepareOptionError(f"{file.path}: no column {self.csv_column!r} in the header row (columns: "
+                                         f"{columns}); pass --csv-column NAME", "--csv-column")
             index = header.index(self.csv_column)
             for row in rows:
                 if not row:
@@ -299,8 +299,8 @@ class Source:
                             f"{{\"{self.text_field}\": \"...\"}}")
         if self.text_field not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise DataError(f"{where}: record has no {self.text_field!r} field (its fields: {fields}); pass "
-                            "--text-field NAME to read another field")
+            raise PrepareOptionError(f"{where}: record has no {self.text_field!r} field (its fields: {fields}); "
+                                     "pass --text-field NAME to read another field", "--text-field")
         text = record[self.text_field]
         if not isinstance(text, str):
             raise DataError(f"{where}: field {self.text_field!r} is {type(text).__name__}, not a string; fix the "
@@ -308,8 +308,9 @@ class Source:
         # JSON can spell lone UTF-16 surrogates (\ud800), which are not text and cannot be encoded.
         if _SURROGATE.search(text):
             if self.errors == "strict":
-                raise DataError(f"{where}: field {self.text_field!r} contains a lone surrogate escape (\\ud800-"
-                                "\\udfff), which is not valid text; fix the record or pass --errors replace")
+                raise PrepareOptionError(f"{where}: field {self.text_field!r} contains a lone surrogate escape "
+                                         "(\\ud800-\\udfff), which is not valid text; fix the record or pass "
+                                         "--errors replace", "--errors")
             text, count = _SURROGATE.subn("\ufffd", text)
             file.replaced += count
         return text

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import MAX_SEED
-from .config import ATTN_IMPLS
+from .config import ATTN_IMPLS, PRESETS, is_preset
 from .errors import ConfigError
 from .schedule import SCHEDULES
 
@@ -46,7 +46,8 @@ class TrainConfig:
     resume: str | None = field(default=None, metadata={"help": "continue a run: 'auto' (the latest checkpoint in "
                                "--out, if any) or a checkpoint directory"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous run in --out (it is deleted once "
-                            "the new run has saved its first checkpoint)"})
+                            "the new run has saved its first checkpoint); with --resume auto: only when --out holds "
+                            "no checkpoint to resume"})
     # Batches and steps.
     max_steps: int = field(default=100, metadata={"help": "optimizer updates in the whole run"})
     batch_size: int = field(default=4, metadata={"help": "windows per micro-batch, per process"})
@@ -134,6 +135,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not is_preset(self.model_preset):
+            raise ConfigError(f"--model_preset {self.model_preset!r} is not one of {', '.join(PRESETS)}")
         if not self.out:
             raise ConfigError("--out must name a directory")
 

@@ -54,7 +54,7 @@ from .atomic import write_atomically
 from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
-from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error
+from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, PrepareOptionError
 from .loss import lm_loss
 from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
@@ -248,6 +248,8 @@ class Trainer:
         self._files_started = False
         if state is not None:
             self._restore(state)
+        elif config.resume == "auto":
+            self._log(f"--resume auto: no checkpoint in {self.out} yet; starting a new run")
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _load_data(self) -> PreparedDataset:
@@ -260,8 +262,13 @@ class Trainer:
                 if cfg.data:
                     if not Path(cfg.data).exists():
                         raise DataError(f"--data {cfg.data}: no such file or directory")
-                    path = ensure_prepared(cfg.data, Path(cfg.data).resolve().parent / ".prepared",
-                                           block_size=cfg.block_size)
+                    try:
+                        path = ensure_prepared(cfg.data, Path(cfg.data).resolve().parent / ".prepared",
+                                               block_size=cfg.block_size)
+                    except PrepareOptionError as exc:  # train.py has no data options: they are prepare.py's
+                        raise DataError(f"{exc} ({exc.option} is an option of data/prepare.py: run `python "
+                                        f"data/prepare.py {cfg.data} --out DIR {exc.option} ...`, then train with "
+                                        "--data DIR)") from None
                 else:
                     from .pydocs import default_corpus
 

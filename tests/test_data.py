@@ -506,7 +506,12 @@ def test_cli_prepares_and_summarises(cli_runs):
 def test_cli_in_process_usage_errors(tmp_path, capsys):
     single = write(tmp_path / "one.txt", "just one paragraph\nover two lines\n")
     two = [str(write(tmp_path / "two.txt", "first\n\nsecond\n")), "--out", str(tmp_path / "o")]
-    for argv, message in [([str(single), "--out", str(tmp_path / "o")], "has a single document"),
+    record = write(tmp_path / "one.jsonl", '{"text": "the only record"}\n')
+    for argv, message in [([str(single), "--out", str(tmp_path / "o")], "after the split; separate documents with "
+                                                                         "blank lines (or --separator)"),
+                          ([str(record), "--out", str(tmp_path / "o" / "deeper")], "after the split; add more documents "
+                                                                                   "(a folder's files, a .json/.jsonl "
+                                                                                   "file's records"),
                           ([str(single)], "--out DIR is required"),
                           (two + ["--val-fraction", "0"], "val_fraction"),
                           (two + ["--seed", "-1"], "seed must be a non-negative integer"),  # numpy's ValueError

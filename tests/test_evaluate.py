@@ -16,6 +16,7 @@ from transformers import GPT2LMHeadModel
 from minigpt2 import GPT, ConfigError, DataError, Tokenizer
 from minigpt2.cli import run_main
 from minigpt2.evaluate import load_eval_text, main, perplexity, sliding_windows
+from minigpt2.generation_config import STRATEGIES
 from minigpt2.report import draw_prompts, write_report
 
 N_POSITIONS = 64  # small, so that a few hundred tokens need many windows
@@ -201,7 +202,7 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
         "empty text": (model + ["--text", str(tmp_path / "empty.txt")], "at least 2"),
         "not utf-8": (model + ["--text", str(tmp_path / "latin1.txt")], "not UTF-8"),
         "empty folder": (model + ["--text", str(tmp_path / "empty_dir")], "no .txt or .md"),
-        "stride > context": (model + ["--text", str(ok), "--stride", "65"], "stride=65"),
+        "stride > context": (model + ["--text", str(ok), "--stride", "65"], "--stride 65"),
         "context > n_positions": (model + ["--text", str(ok), "--context", "100"], "n_positions=64"),
         "missing model": (["--model", str(tmp_path / "no_model"), "--text", str(ok)], "no_model"),
         "report without --out": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
@@ -211,7 +212,7 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
         "report --out is a file": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
                                     str(ok), "--out", str(ok), "--max_new_tokens", "8"], "cannot create the report"),
         "no prompts to draw": (["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text",
-                                str(ok), "--out", str(tmp_path / "r"), "--num_prompts", "0"], "num_prompts=0"),
+                                str(ok), "--out", str(tmp_path / "r"), "--num_prompts", "0"], "--num_prompts 0"),
     }
 
 
@@ -222,6 +223,93 @@ def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, name
         assert err.count("\n") == 1 and "error: " in err and match in err, (name, err)
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one line a CLI mistake prints, checked to be that: exit status 2, `error: ...`, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error: " in err, err
+    return err
+
+
+def report_argv(checkpoint, text, out) -> list[str]:
+    return ["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text", str(text), "--out",
+            str(out), "--max_new_tokens", "2", "--strategies", "greedy", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("subcommand", ["perplexity", "report"])
+def test_text_too_short_to_score_names_the_flag(checkpoint, tmp_path, capsys, subcommand):
+    """Refused before any model is loaded, naming --text and the fix; the report makes no folder."""
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "one_token.txt").write_text("a", encoding="utf-8")
+    (tmp_path / "empty_dir").mkdir()
+    for name, fix in (("empty.txt", "longer text"), ("one_token.txt", "longer text"), ("empty_dir", "add text")):
+        text = tmp_path / name
+        argv = (["--model", str(checkpoint), "--text", str(text)] if subcommand == "perplexity"
+                else report_argv(checkpoint, text, tmp_path / "out"))
+        err = cli_error(argv, capsys)
+        assert f"--text {text}: " in err and fix in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_bad_strategies_name_the_flag_and_the_choices(checkpoint, tmp_path, capsys):
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    err = cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--strategies", "greedy,nope"], capsys)
+    assert "--strategies" in err and "'nope'" in err and all(name in err for name in STRATEGIES), err
+    err = cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--strategies", " , "], capsys)
+    assert "--strategies" in err and "no strategy" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_prompts_file_names_the_flag(checkpoint, tmp_path, capsys):
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "a_dir").mkdir()
+    for name, fix in (("missing.txt", "readable text file"), ("a_dir", "readable text file"),
+                      ("latin1.txt", "convert it to UTF-8"), ("blank.txt", "one prompt per line")):
+        prompts = tmp_path / name
+        err = cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--prompts_file", str(prompts)], capsys)
+        assert f"--prompts_file {prompts}: " in err and fix in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_from_flags_are_spelled_as_flags(checkpoint, tmp_path, capsys):
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    perplexity_argv = ["--model", str(checkpoint), "--text", str(text)]
+    for argv, flag in ((perplexity_argv + ["--stride", "65"], "--stride 65: "),
+                       (perplexity_argv + ["--context", "100"], "--context 100: "),
+                       (perplexity_argv + ["--batch_size", "0"], "--batch_size 0: "),
+                       (report_argv(checkpoint, text, tmp_path / "out") + ["--context", "0"], "--context 0: "),
+                       (report_argv(checkpoint, text, tmp_path / "out") + ["--num_prompts", "0"], "--num_prompts 0: "),
+                       (report_argv(checkpoint, text, tmp_path / "out") + ["--max_new_tokens", "0"],
+                        "--max_new_tokens 0: ")):
+        err = cli_error(argv, capsys)
+        assert flag in err and f"{flag.split()[0][2:]}=" not in err, err
+    assert "--prompt: a prompt is empty" in cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--prompt",
+                                                       " "], capsys)
+
+
+def test_failed_report_leaves_no_folder_and_keeps_an_existing_one(checkpoint, tmp_path, capsys):
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    new = tmp_path / "new" / "nested"
+    for bad in (["--stride", "65"], ["--finetuned", str(tmp_path / "no_model")]):  # after / before the folder is made
+        cli_error([*report_argv(checkpoint, text, new), *bad], capsys)
+        assert not (tmp_path / "new").exists(), bad
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "report.md").write_text("the last report", encoding="utf-8")
+    cli_error([*report_argv(checkpoint, text, existing), "--stride", "65"], capsys)
+    assert "cannot create the report folder" in cli_error(report_argv(checkpoint, text, tmp_path / ("x" * 300)),
+                                                          capsys)  # too long a name: the check of it fails too
+    assert [p.name for p in existing.iterdir()] == ["report.md"]
+    assert (existing / "report.md").read_text(encoding="utf-8") == "the last report"
 
 
 # -- the before/after report -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 
 from minigpt2 import GPT, ConfigError, GPTConfig, Tokenizer
 from minigpt2.generate import TextStream, stream_generate
-from minigpt2.generation_config import STRATEGIES, GenerationConfig
+from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
 from minigpt2.kv_cache import KVCache
 
 EOT = 50256
@@ -624,3 +624,15 @@ def test_strategy_presets():
         assert dataclasses.asdict(overridden) == {**defaults, **settings, "max_new_tokens": 5, "top_k": 7}, name
     with pytest.raises(ConfigError, match="strategy"):
         GenerationConfig.from_strategy("nucleus")
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
+                                  "length_penalty"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_settings_are_refused_by_name(name, value):
+    """inf and nan pass `> 0` checks (or none at all); each float setting refuses them, naming itself."""
+    with pytest.raises(SettingError) as error:
+        GenerationConfig.from_kwargs(do_sample=True, num_beams=2, **{name: value})
+    bounded = name in ("top_p", "min_p", "typical_p")  # their range, (0, 1] or [0, 1], already says it
+    assert error.value.name == name and ("must be in" if bounded else "finite") in error.value.why
+    assert str(error.value).startswith(f"{name}={value!r}: ")

@@ -26,13 +26,12 @@ def tokens(seed: int, n: int) -> list[int]:
     return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def hf_mean_logprob(ref, window: list[int], scored: int) -> float:
-    """Minus transformers' own loss over `window`, with every label but the last `scored` ones ignored (-100)."""
-    ids = torch.tensor([window])
-    labels = ids.clone()
-    labels[0, :len(window) - scored] = -100
+def hf_mean_logprob(ref, window: list[int], targets: list[int]) -> float:
+    """The mean log-probability transformers' logits over `window` give `targets`, the tokens its last positions
+    predict (the token after the window last)."""
     with torch.no_grad():
-        return -ref(ids, labels=labels).loss.item()
+        logprobs = ref(torch.tensor([window])).logits[0, -len(targets):].log_softmax(-1)
+    return logprobs[torch.arange(len(targets)), torch.tensor(targets)].mean().item()
 
 
 def test_distinct_n_pools_ngrams_over_lists_without_crossing_them():
@@ -69,28 +68,32 @@ def test_repeated_ngram_rate_counts_repeats_of_earlier_ngrams():
 def test_mean_logprob_scores_exactly_the_continuation(models):
     ours, ref = models
     prompt, continuation = tokens(0, 5), tokens(1, 4)
-    expected = hf_mean_logprob(ref, prompt + continuation, scored=4)
+    expected = hf_mean_logprob(ref, prompt + continuation[:-1], continuation)
     assert mean_logprob(ours, prompt, continuation) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     # Tensors are read like lists, and a one-token continuation is scored from the prompt alone.
     assert mean_logprob(ours, torch.tensor([prompt]), torch.tensor(continuation)) == pytest.approx(expected, rel=1e-5,
                                                                                                    abs=1e-6)
     assert mean_logprob(ours, prompt, continuation[:1]) == pytest.approx(
-        hf_mean_logprob(ref, prompt + continuation[:1], scored=1), rel=1e-5, abs=1e-6)
+        hf_mean_logprob(ref, prompt, continuation[:1]), rel=1e-5, abs=1e-6)
 
 
 def test_mean_logprob_drops_the_oldest_prompt_tokens_past_the_context(models):
     ours, ref = models
-    prompt, continuation = tokens(2, 12), tokens(3, 8)  # 20 tokens, 4 more than the context
-    expected = hf_mean_logprob(ref, prompt[4:] + continuation, scored=8)
+    prompt, continuation = tokens(2, 12), tokens(3, 8)  # 20 tokens: 19 to predict from, 3 more than the context
+    expected = hf_mean_logprob(ref, prompt[3:] + continuation[:-1], continuation)
     assert mean_logprob(ours, prompt, continuation) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_mean_logprob_of_a_continuation_longer_than_the_context_scores_its_tail(models):
     ours, ref = models
     prompt, continuation = tokens(4, 3), tokens(5, 20)
-    # The window is the continuation's last 16 tokens; its first has no context, the other 15 are scored.
-    expected = hf_mean_logprob(ref, continuation[4:], scored=15)
+    # The window is the 16 tokens before the continuation's last; they predict its last 16.
+    expected = hf_mean_logprob(ref, continuation[3:19], continuation[4:])
     assert mean_logprob(ours, prompt, continuation) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # Exactly the context long: every token is scored, the first from the last prompt token.
+    exact = continuation[:N_POSITIONS]
+    assert mean_logprob(ours, prompt, exact) == pytest.approx(
+        hf_mean_logprob(ref, prompt[-1:] + exact[:-1], exact), rel=1e-5, abs=1e-6)
 
 
 def test_mean_logprob_empty_inputs(models):
@@ -104,7 +107,7 @@ def test_mean_logprob_scores_without_dropout_and_restores_the_mode(models):
     """Scoring a model mid-training must give the deterministic eval-mode figure and leave it training."""
     ours, ref = models
     prompt, continuation = tokens(6, 6), tokens(7, 6)
-    expected = hf_mean_logprob(ref, prompt + continuation, scored=6)
+    expected = hf_mean_logprob(ref, prompt + continuation[:-1], continuation)
     ours.train()
     try:
         assert mean_logprob(ours, prompt, continuation) == pytest.approx(expected, rel=1e-5, abs=1e-6)

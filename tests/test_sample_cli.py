@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,22 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "{missing}", "--prompt", "x"], "no such checkpoint"),
-    (["--prompt", "x", "--top_p", "1.5"], "top_p"),
-    (["--prompt", "x", "--do_sample", "true", "--temperature", "0"], "temperature"),
+    (["--prompt", "x", "--tempreture", "0.7"], "unrecognized arguments: --tempreture 0.7; did you mean "
+                                                "--temperature?"),
+    (["--prompt", "x", "--temp", "0.7"], "unrecognized arguments: --temp 0.7; did you mean --temperature?"),
+    (["--prompt", "x", "--n", "2"], "unrecognized arguments: --n 2 (see --help)"),  # a start of several flags
+    (["--prompt", "x", "--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+    (["--prompt", "x", "--do_sample", "true", "--temperature", "0"], "--temperature 0.0: must be finite and > 0"),
+    (["--prompt", "x", "--do_sample", "true", "--temperature", "inf"], "--temperature inf: must be finite"),
+    (["--prompt", "x", "--repetition_penalty", "inf"], "--repetition_penalty inf: must be finite"),
+    (["--prompt", "x", "--num_beams", "2", "--length_penalty", "nan"], "--length_penalty nan: must be a finite"),
+    (["--prompt", "x", "--num_samples", "3"], "--num_samples 3: greedy search gives one sequence"),
+    (["--prompt", "x", "--num_samples", "3", "--num-return-sequences", "2"], "--num_samples 3 and "
+                                                                              "--num_return_sequences 2 disagree"),
+    (["--prompt", "x", "--strategy", "beam", "--num_return_sequences", "6"], "--num_return_sequences 6: beam "
+                                                                              "search can return at most"),
+    (["--prompt", "x", "--max_length", "1"], "--max_length 1: leaves no room after the prompt"),
+    (["--prompt", "x", "--eos_token_id", "60000"], "--eos_token_id 60000: is outside the model's vocabulary"),
     (["--prompt", "x", "--top-k", "abc"], "top-k"),
     (["--prompt", "x", "--early_stopping", "maybe"], "early_stopping"),
     (["--prompt", "   "], "prompt is empty"),
@@ -181,12 +196,32 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, mes
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_bad_setting_from_the_checkpoint_names_the_checkpoint(model_dir, capsys, tmp_path):
+    """A value the command line did not give is blamed on the checkpoint's generation_config, not on a flag."""
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    HFGenerationConfig(do_sample=True, num_return_sequences=2).save_pretrained(tmp_path)
+    code, _, err = run(["--model", tmp_path, "--prompt", "x", "--do_sample", "false"], capsys)
+    assert code == 2
+    assert err == (f"error: num_return_sequences=2 (no flag set it: it is {tmp_path}'s setting or the default): "
+                   "greedy search gives one sequence per prompt; set do_sample=True or num_beams > 1\n")
+
+
 def test_script_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "none"), "--prompt",
                              "x"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_warnings_of_a_command_are_one_line():
+    """As errors are: the default format adds the file, line and source line of the warn() call."""
+    code = ("import warnings; from minigpt2.cli import run_main\n"
+            "run_main(lambda argv: [warnings.warn('mind this'), warnings.warn('old', FutureWarning)] and 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # Another library's kinds of warning keep their kind and origin.
+    assert result.returncode == 0
+    assert result.stderr == "warning: mind this\nwarning: FutureWarning from <string>:2: old\n"
 
 
 def test_resolve_device_names_the_device_or_refuses_it():

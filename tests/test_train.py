@@ -137,6 +137,24 @@ def test_resume_past_max_steps_is_refused(init_dir, prepared, tmp_path):
         Trainer(config(init_dir, prepared, tmp_path, max_steps=2, resume="auto"))
 
 
+def test_resume_auto_with_overwrite_continues_a_checkpoint_else_starts_again(init_dir, prepared, tmp_path, capsys):
+    """The job script of a preemptible machine: continue the run in --out if it has a checkpoint, else start over."""
+    fresh = Trainer(config(init_dir, prepared, tmp_path / "new", max_steps=2, eval_interval=2, resume="auto"))
+    assert "--resume auto: no checkpoint in" in capsys.readouterr().out and fresh.step == 0
+    fresh.train()
+    again = Trainer(config(init_dir, prepared, tmp_path / "new", max_steps=3, eval_interval=3, resume="auto",
+                           overwrite=True))
+    assert again.step == 2 and again.train().step == 3
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "new")] == ["checkpoint-0000003"]
+    assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".replaced-run")]
+
+
+def test_model_preset_is_one_of_the_presets_in_either_spelling():
+    assert TrainConfig(model_preset="openai-community/gpt2-medium").model_preset == "openai-community/gpt2-medium"
+    with pytest.raises(ConfigError, match="--model_preset 'gpt3' is not one of gpt2, gpt2-medium"):
+        TrainConfig(model_preset="gpt3")
+
+
 def test_keep_checkpoints_keeps_the_one_to_resume_from():
     """0 used to prune a checkpoint saved on SIGTERM right after writing it, unless it was the best one."""
     with pytest.raises(ConfigError, match="--keep_checkpoints must be at least 1"):
@@ -445,10 +463,15 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     Trainer(config(init_dir, prepared, tmp_path / "other", max_steps=1, eval_interval=1)).train()
     other_before = tree(tmp_path / "other")
     good = ["--init", init_dir, "--data", prepared, "--out", out, "--block_size", 32, "--device", "cpu"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n\nun deuxième document\n".encode("latin-1"))
     binary_toml = tmp_path / "binary.toml"
     binary_toml.write_bytes(b"\xdc\xff seed = 1")
     cases = {
         "unknown flag": [*good, "--bogus", 1],
+        "misspelled flag": [*good, "--max-step", 3],
+        "unknown preset": [*good, "--model_preset", "gpt3"],
+        "data needs a prepare.py option": [*good[:2], "--data", latin1, "--out", tmp_path / "new", *good[6:]],
         "bad value": [*good, "--max_steps", "ten"],
         "invalid value": [*good, "--lr", -1],
         "bad choice": [*good, "--dtype", "fp8"],
@@ -472,6 +495,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         errors[what] = lines[0]
     assert "already holds a training run" in errors["existing run"] and "--resume" in errors["existing run"]
     assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
+    assert errors["misspelled flag"].endswith("did you mean --max-steps? (see --help)")
+    assert "--model_preset 'gpt3' is not one of gpt2, gpt2-medium" in errors["unknown preset"]
+    assert f"run `python data/prepare.py {latin1} --out DIR --errors ...`, then train with --data DIR" in \
+        errors["data needs a prepare.py option"]
+    assert not (tmp_path / ".prepared").exists()  # the cache folder made for it is gone again
     assert "is a file, not a directory" in errors["out is a file"]
     assert "--max_steps above 2" in errors["resume past max_steps"]
     assert "not a readable TOML file" in errors["config not UTF-8"]
