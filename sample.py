@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import add_flag, make_parser, parse_bool, parse_seed, resolve_device, run_main
+from minigpt2.cli import add_flag, make_parser, parse_bool, parse_path, parse_seed, resolve_device, run_main
 from minigpt2.errors import ConfigError, DataError
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
@@ -63,9 +63,10 @@ SPECIAL_PARSERS: dict[str, dict[str, typing.Any]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("sample.py", description="Generate text from a GPT-2 checkpoint.")
-    add_flag(parser, "model", required=True, help="Hub id (gpt2, gpt2-medium, ...) or a save_pretrained directory")
+    add_flag(parser, "model", required=True, type=parse_path,
+             help="Hub id (gpt2, gpt2-medium, ...) or a save_pretrained directory")
     add_flag(parser, "prompt", help="the text to continue")
-    add_flag(parser, "prompt_file", help="read the prompt from this UTF-8 file instead")
+    add_flag(parser, "prompt_file", type=parse_path, help="read the prompt from this UTF-8 file instead")
     add_flag(parser, "num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
              help="continuations to print (same as --num_return_sequences)")
     add_flag(parser, "seed", type=parse_seed, help="seed of the sampler, for reproducible samples")
@@ -98,7 +99,7 @@ def read_prompt(args: argparse.Namespace) -> str:
         if not path.is_file():
             raise DataError(f"--prompt_file {path}: no such file")
         try:
-            prompt = path.read_text(encoding="utf-8")
+            prompt = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is not text
         except UnicodeDecodeError:
             raise DataError(f"--prompt_file {path}: not UTF-8 text") from None
     elif args.prompt is not None:
@@ -199,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def sample(args: argparse.Namespace) -> int:
     """Everything `main` does once the flags are parsed."""
     prompt = read_prompt(args)
+    if args.compare and args.strategy:
+        raise ConfigError(f"--compare runs every strategy, so --strategy {args.strategy} would be ignored; give one "
+                          "of them")
     settings = settings_from_flags(args)
     samples = settings.pop("num_return_sequences", None) if args.compare else None
     device = resolve_device(args.device)

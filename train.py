@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from minigpt2.cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, run_main
+from minigpt2.cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, parse_path, run_main
 from minigpt2.train_config import TrainConfig, load_toml
 
 PROMPTS = ("def read_lines(path):", '"""Return the number of', "class Stack:")
@@ -33,10 +33,13 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     from minigpt2.trainer import find_resume_checkpoint
 
     parser = make_parser("train.py", description="Train or fine-tune GPT-2 (see the module docstring).")
-    add_flag(parser, "config", metavar="FILE.toml", help="read settings from a TOML file; flags win over it")
+    add_flag(parser, "config", metavar="FILE.toml", type=parse_path, action="append",
+             help="read settings from a TOML file; flags win over it")
     add_dataclass_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
-    from_file = load_toml(args.config) if args.config else {}
+    if args.config and len(args.config) > 1:  # silently keeping the last one would drop the others' settings
+        parser.error("--config is given more than once; give one file (flags can override its settings)")
+    from_file = load_toml(args.config[0]) if args.config else {}
     config = dataclass_from_flags(TrainConfig, args, from_file)
     resumed = find_resume_checkpoint(config.resume, Path(config.out))
     if resumed is not None:

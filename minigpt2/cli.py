@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import signal
 import sys
 import types
 import typing
@@ -83,6 +84,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_path(text: str) -> str:
+    """Parse a path flag: an empty one (often an unset shell variable) would mean the current folder; refuse it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return text
+
+
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds
 
 
@@ -154,10 +162,21 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     return f"warning: {category.__name__} from {Path(filename).name}:{lineno}: {message}\n"
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised wherever the command is, so that its with-blocks clean up (staging folders, half-made
+    outputs) as they do on Ctrl-C. A BaseException, like KeyboardInterrupt, so that no `except Exception` takes it."""
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    raise _Terminated
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
-    """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, and warnings into
-    `warning: ...` lines."""
+    """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, warnings into
+    `warning: ...` lines, and SIGTERM into a clean exit (status 143) like Ctrl-C's (130). Training catches both
+    signals itself while it trains, to save a checkpoint first."""
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    default_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
     except MiniGPT2Error as exc:
@@ -166,8 +185,12 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    finally:
-        warnings.formatwarning = default_format  # for a caller that runs a command in its own process (tests)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
+    finally:  # for a caller that runs a command in its own process (tests)
+        warnings.formatwarning = default_format
+        signal.signal(signal.SIGTERM, default_term)
     sys.exit(code or 0)
 
 

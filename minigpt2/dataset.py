@@ -43,13 +43,14 @@ from .errors import ConfigError, DataError
 FORMAT = "minigpt2-tokens/1"
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits: half the disk and page cache of int32
 SPLITS = ("train", "val")
+PREPARED_FILES = ("meta.json", "train.bin", "val.bin")
 MODES = ("random", "epoch")
 
 
 def is_prepared(directory: str | os.PathLike[str]) -> bool:
     """True if `directory` has the three files of a prepared dataset (meta.json, train.bin, val.bin)."""
     path = Path(directory)
-    return path.is_dir() and all((path / name).is_file() for name in ("meta.json", "train.bin", "val.bin"))
+    return path.is_dir() and all((path / name).is_file() for name in PREPARED_FILES)
 
 
 class PreparedDataset:
@@ -63,7 +64,7 @@ class PreparedDataset:
         self.directory = Path(directory)
         fix = f"prepare it with `python data/prepare.py INPUT --out {self.directory}`"
         if not is_prepared(self.directory):
-            missing = [n for n in ("meta.json", "train.bin", "val.bin") if not (self.directory / n).is_file()]
+            missing = [n for n in PREPARED_FILES if not (self.directory / n).is_file()]
             what = "does not exist" if not self.directory.exists() else f"has no {', '.join(missing)}"
             raise DataError(f"{self.directory} is not a prepared dataset: it {what}; {fix}")
         try:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_flag, make_parser, parse_seed, resolve_device, run_main
+from .cli import add_flag, make_parser, parse_path, parse_seed, resolve_device, run_main
 from .errors import ConfigError, DataError
 from .generation_config import STRATEGIES, SettingError
 from .model import GPT
@@ -250,7 +250,7 @@ def load_model(name_or_path: str, device: torch.device) -> GPT:
 
 
 def _add_window_flags(parser) -> None:
-    add_flag(parser, "text", required=True, metavar="PATH",
+    add_flag(parser, "text", type=parse_path, required=True, metavar="PATH",
              help="a UTF-8 text file, a folder of .txt/.md files, or a prepared dataset folder (its val split)")
     add_flag(parser, "stride", type=int, default=None, metavar="S",
              help="tokens each window moves (1..context; default context // 2; = context for disjoint chunks)")
@@ -265,7 +265,8 @@ def _perplexity_parser():
     parser = make_parser("python -m minigpt2.evaluate", description=(
         "Sliding-window perplexity of a model on a text. For the before/after report of a base model against a "
         "fine-tuned one, run `python -m minigpt2.evaluate report --help`."))
-    add_flag(parser, "model", required=True, metavar="M", help="a Hub id (gpt2, ...) or a checkpoint directory")
+    add_flag(parser, "model", required=True, metavar="M", type=parse_path,
+             help="a Hub id (gpt2, ...) or a checkpoint directory")
     _add_window_flags(parser)
     add_flag(parser, "json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -275,13 +276,16 @@ def _report_parser():
     parser = make_parser("python -m minigpt2.evaluate report", description=(
         "Before/after report: perplexity of a base and a fine-tuned model on the same text, and samples of each "
         "decoding strategy side by side with diversity and likelihood measures, as report.html and report.md."))
-    add_flag(parser, "base", required=True, metavar="M", help="the model before fine-tuning (Hub id or directory)")
-    add_flag(parser, "finetuned", required=True, metavar="M", help="the fine-tuned checkpoint directory (or Hub id)")
-    add_flag(parser, "out", required=True, metavar="DIR", help="folder to write report.html and report.md into")
+    add_flag(parser, "base", required=True, metavar="M", type=parse_path,
+             help="the model before fine-tuning (Hub id or directory)")
+    add_flag(parser, "finetuned", required=True, metavar="M", type=parse_path,
+             help="the fine-tuned checkpoint directory (or Hub id)")
+    add_flag(parser, "out", required=True, metavar="DIR", type=parse_path,
+             help="folder to write report.html and report.md into")
     _add_window_flags(parser)
     add_flag(parser, "prompt", action="append", default=None, metavar="TEXT",
              help="a prompt to sample from (repeatable); default: the starts of documents from the text")
-    add_flag(parser, "prompts_file", default=None, metavar="FILE", help="prompts, one per line")
+    add_flag(parser, "prompts_file", type=parse_path, default=None, metavar="FILE", help="prompts, one per line")
     add_flag(parser, "num_prompts", type=int, default=4, metavar="N",
              help="prompts drawn from the text when none are given (default 4)")
     add_flag(parser, "strategies", type=_parse_strategies, default=None, metavar="LIST",

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import latest_checkpoint
 from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
 from .generation_config import GenerationConfig
@@ -63,6 +64,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if path.is_file():
+        raise CheckpointError(f"{name_or_path}: is a file, but a checkpoint is a directory (config.json beside "
+                              "model.safetensors); pass the directory that holds them")
     repo_id = hub_repo_id(str(name_or_path))
     if path.exists() or repo_id is None:
         raise CheckpointError(f"{name_or_path}: no such checkpoint directory, and not a Hub id; pass a directory "
@@ -87,25 +91,44 @@ def _download(repo_id: str, name: str) -> Path:
                               "internet once to download it, or pass a local checkpoint directory") from None
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding the weights: model.safetensors, or the shards its index lists."""
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [directory / shard for shard in shards]
-    else:
-        files = [directory / "model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
+    if not index.is_file():
+        file = directory / "model.safetensors"
         if not file.is_file():
             hint = " (pytorch_model.bin is not read: minigpt2 never loads pickles)" \
                 if (directory / "pytorch_model.bin").exists() else ""
             raise CheckpointError(f"{file}: missing{hint}; save the checkpoint with safetensors "
                                   "(save_pretrained(..., safe_serialization=True))")
+        return [file]
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise CheckpointError(f"{index}: has no \"weight_map\" object (tensor name -> shard file name); restore the "
+                              "file or save the model again")
+    files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing, but {index.name} lists it as a shard of the weights; copy it "
+                                  "from where the checkpoint came from, or save the model again")
+    return files
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
         try:
-            tensors.update(load_file(file))
+            loaded = load_file(file)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); the download or copy is "
                                   "probably corrupted: delete it and download or save again") from None
+        for name, tensor in loaded.items():
+            # Refused here, before any tensor is compared: NaN equals nothing, so a NaN embedding would otherwise
+            # be reported as an untied head. The mask buffers are not weights and are dropped unchecked.
+            if not SKIPPED.search(name) and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{file}: tensor {name!r} holds NaN or inf values; the checkpoint is corrupt "
+                                      "or from a diverged run; use an earlier checkpoint")
+        tensors.update(loaded)
     return tensors
 
 
@@ -134,6 +157,11 @@ def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) ->
     directory = resolve_checkpoint(name_or_path)
     config_file = directory / "config.json"
     if not config_file.is_file():
+        # A training run's output folder gets its final model only when the run completes (see trainer.py).
+        latest = latest_checkpoint(directory)
+        if latest is not None:
+            raise CheckpointError(f"{directory}: holds training checkpoints but no final model (the run stopped "
+                                  f"before saving it); pass the latest checkpoint, {latest}, instead")
         raise CheckpointError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
     hf_config = _read_json(config_file)
     config = GPTConfig.from_hf_dict(hf_config, source=str(config_file), **config_overrides)

@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from .atomic import removed_if_failed
 from .cleaning import Cleaner, CleaningOptions, Deduplicator
-from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, run_main
-from .dataset import FORMAT, TOKEN_DTYPE, PreparedDataset, is_prepared
+from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, parse_path, run_main
+from .dataset import FORMAT, PREPARED_FILES, TOKEN_DTYPE, PreparedDataset, is_prepared
 from .errors import ConfigError, DataError, PrepareOptionError
 from .sources import ERROR_MODES, Source
 from .tokenizer import RANKS_SHA256, Tokenizer
@@ -309,6 +309,8 @@ def ensure_prepared(data: str | os.PathLike[str], cache_dir: str | os.PathLike[s
     or changing an option prepares anew. block_size: DataError if a split is shorter than block_size + 1 tokens.
     """
     path = Path(data)
+    if path.is_dir() and not is_prepared(path) and any((path / name).exists() for name in PREPARED_FILES):
+        PreparedDataset(path)  # a prepared dataset with a file missing: its error names the file
     if not is_prepared(path):
         path = Path(cache_dir) / _cache_name(path, options)
         try:
@@ -369,10 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`prepare [INPUT] --out DIR [options]`; without INPUT, build the bundled pydocs corpus."""
     parser = make_parser("prepare", description="Clean, tokenise and pack text into train.bin/val.bin/meta.json. "
                          "Without INPUT, build the bundled corpus of Python standard library documentation.")
-    parser.add_argument("input", nargs="?", metavar="INPUT",
+    parser.add_argument("input", nargs="?", metavar="INPUT", type=parse_path,
                         help="a .txt/.md/.json/.jsonl/.csv file or a folder of .txt/.md files")
-    add_flag(parser, "out", metavar="DIR", help="output folder (required with INPUT; default for pydocs: "
-             "data/pydocs)")
+    add_flag(parser, "out", metavar="DIR", type=parse_path,
+             help="output folder (required with INPUT; default for pydocs: data/pydocs)")
     add_flag(parser, "text_field", default="text", metavar="NAME", help="field of JSON records holding the text")
     add_flag(parser, "csv_column", default="text", metavar="NAME", help="CSV column holding the text")
     add_flag(parser, "separator", metavar="TEXT",

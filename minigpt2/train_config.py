@@ -105,6 +105,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        for name in ("init", "data", "out", "resume"):  # a shell expands ~ in a flag, but not in a config file
+            value = getattr(self, name)
+            if value is not None and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         for name, value in self.to_dict().items():
             if isinstance(value, float) and not math.isfinite(value):  # nan would slip through every `<` below
                 raise ConfigError(f"--{name} must be a finite number, got {value}")
@@ -114,7 +118,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         non_negative = ("warmup_steps", "eval_interval", "patience", "samples",
-                        "sample_tokens", "weight_decay", "grad_clip", "eps")
+                        "sample_tokens", "weight_decay", "grad_clip", "eps", "report_tokens")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -137,8 +141,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not is_preset(self.model_preset):
             raise ConfigError(f"--model_preset {self.model_preset!r} is not one of {', '.join(PRESETS)}")
-        if not self.out:
+        if not self.out.strip():
             raise ConfigError("--out must name a directory")
+        if not self.init.strip():
+            raise ConfigError("--init is empty; give a Hub id (gpt2, ...), scratch, or a checkpoint directory")
 
     def _check_types(self) -> None:
         """Values from a config file arrive as TOML typed them: check them (ints may stand for floats)."""
@@ -178,8 +184,8 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         import tomli as tomllib
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            data = tomllib.load(handle)
+        # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark, which TOML does not allow
+        data = tomllib.loads(file.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -207,6 +207,10 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
+        init_dir = Path(config.init)
+        if self.resume_from is None and init_dir.is_dir() and init_dir.resolve() == self.out.resolve():
+            raise ConfigError(f"--out {self.out} is the --init checkpoint: the run would write over the model it "
+                              "starts from; choose another --out")
         # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
         self._continues_out = self.resume_from is not None and \
             self.resume_from.resolve().parent == self.out.resolve()

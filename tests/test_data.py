@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -516,9 +517,29 @@ def test_cli_in_process_usage_errors(tmp_path, capsys):
                           (two + ["--val-fraction", "0"], "val_fraction"),
                           (two + ["--seed", "-1"], "seed must be a non-negative integer"),  # numpy's ValueError
                           (two + ["--workers", "-1"], "workers must be at least 1"),  # ThreadPoolExecutor's
-                          (["--out", str(single)], "cannot create output folder")]:  # the pydocs corpus
+                          (["--out", str(single)], "cannot create output folder"),  # the pydocs corpus
+                          ([str(single), "--out", ""], "argument --out: is empty; give a path"),  # an unset $OUT
+                          (["", "--out", str(tmp_path / "o")], "argument INPUT: is empty; give a path")]:
         with pytest.raises(SystemExit) as exit_info:
             run_main(main, argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_while_preparing_exits_cleanly_and_leaves_nothing(tmp_path):
+    """As Ctrl-C does: the staging folder (a copy of every token so far) is removed, the exit status is 143."""
+    rng = np.random.default_rng(0)
+    words = np.array(["token", "window", "packed", "corpus", "batch", "layer", "head", "cache"])
+    text = "\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(60_000))  # ~25 MB: seconds to tokenise
+    big = write(tmp_path / "big.txt", text)
+    process = subprocess.Popen([sys.executable, "-m", "minigpt2.prepare", str(big), "--out", str(tmp_path / "o"),
+                                "--workers", "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".o.*.partial/all.bin")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "preparing ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (143, "terminated\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]

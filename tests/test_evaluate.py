@@ -291,6 +291,8 @@ def test_settings_from_flags_are_spelled_as_flags(checkpoint, tmp_path, capsys):
                         "--max_new_tokens 0: ")):
         err = cli_error(argv, capsys)
         assert flag in err and f"{flag.split()[0][2:]}=" not in err, err
+    assert "argument --text: is empty; give a path" in cli_error([*perplexity_argv[:2], "--text", ""], capsys)
+    assert "argument --out: is empty" in cli_error([*report_argv(checkpoint, text, tmp_path), "--out", ""], capsys)
     assert "--prompt: a prompt is empty" in cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--prompt",
                                                        " "], capsys)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt2 import GPT, CheckpointError, GPTConfig
+from minigpt2.checkpoint import save_checkpoint
 from minigpt2.hub import CHECKPOINT_FILES, TRANSPOSED
 
 
@@ -205,6 +207,62 @@ def test_config_and_weights_mismatch(broken_dir):
     (broken_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"has shape .* but config\.json implies"):
         GPT.from_pretrained(broken_dir)
+
+
+@pytest.fixture
+def sharded_dir(tmp_path) -> Path:
+    """A checkpoint that transformers saved in shards."""
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=32, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    return tmp_path / "sharded"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", r"invalid JSON .*save the model again"),
+    ('["model-00001-of-00002.safetensors"]', r"holds a JSON list.*save the model again"),
+    ('{"metadata": {}}', r'has no "weight_map" object.*save the model again'),
+    ('{"weight_map": ["model-00001-of-00002.safetensors"]}', r'has no "weight_map" object.*save the model again'),
+])
+def test_unreadable_shard_index(sharded_dir, text, message):
+    (sharded_dir / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: {message}"):
+        GPT.from_pretrained(sharded_dir)
+
+
+def test_missing_shard(sharded_dir):
+    shards = sorted(json.loads((sharded_dir / "model.safetensors.index.json").read_text())["weight_map"].values())
+    (sharded_dir / shards[-1]).unlink()
+    with pytest.raises(CheckpointError, match=rf"{shards[-1]}: missing, but model\.safetensors\.index\.json lists "
+                                              r"it as a shard.*copy it from where the checkpoint came from"):
+        GPT.from_pretrained(sharded_dir)
+
+
+@pytest.mark.parametrize(("name", "value"), [("transformer.wte.weight", float("nan")),
+                                             ("transformer.h.1.mlp.c_fc.bias", float("-inf"))])
+def test_non_finite_weights(broken_dir, name, value):
+    """NaN in the token embedding used to be reported as an untied head (NaN equals nothing)."""
+    tensors = load_file(broken_dir / "model.safetensors")
+    tensors[name][0] = value
+    save_file(tensors, broken_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(name)}' holds NaN or inf "
+                                              r"values.*use an earlier checkpoint"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_training_run_without_final_model(hf_checkpoint, tmp_path):
+    """A run stopped before its final save leaves only checkpoint-* folders in its output directory."""
+    model = GPT.from_pretrained(hf_checkpoint())
+    for step in (5, 12):
+        save_checkpoint(tmp_path / "run", step, model, {"step": step})
+    latest = re.escape(str(tmp_path / "run" / "checkpoint-0000012"))
+    with pytest.raises(CheckpointError, match=rf"run: holds training checkpoints but no final model.*pass the latest "
+                                              rf"checkpoint, {latest}"):
+        GPT.from_pretrained(tmp_path / "run")
+
+
+def test_file_instead_of_directory(broken_dir):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a file, but a checkpoint is a directory"):
+        GPT.from_pretrained(broken_dir / "model.safetensors")
 
 
 @pytest.mark.parametrize("name", ["{tmp}/nope/deeper/x", "./nope", "../nope", "a--b/c", "runs/ckpt."])

@@ -162,6 +162,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
                                                 "--temperature?"),
     (["--prompt", "x", "--temp", "0.7"], "unrecognized arguments: --temp 0.7; did you mean --temperature?"),
     (["--prompt", "x", "--n", "2"], "unrecognized arguments: --n 2 (see --help)"),  # a start of several flags
+    (["--prompt", "x", "--compare", "--strategy", "beam"], "--compare runs every strategy, so --strategy beam"),
+    (["--model", "", "--prompt", "x"], "argument --model: is empty; give a path"),
     (["--prompt", "x", "--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
     (["--prompt", "x", "--do_sample", "true", "--temperature", "0"], "--temperature 0.0: must be finite and > 0"),
     (["--prompt", "x", "--do_sample", "true", "--temperature", "inf"], "--temperature inf: must be finite"),
@@ -194,6 +196,16 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, mes
     code, out, err = run(argv, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_byte_order_mark_is_not_part_of_the_prompt(model_dir, capsys, tmp_path):
+    """Notepad starts UTF-8 files with one; it must not reach the model, the printed text or the emptiness check."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffThe answer is".encode())
+    code, out, _ = run(["--model", model_dir, "--prompt_file", tmp_path / "bom.txt", "--max_new_tokens", 3], capsys)
+    assert code == 0 and out == transformers_output(model_dir, "The answer is", max_new_tokens=3)
+    (tmp_path / "only.txt").write_bytes("\ufeff".encode())
+    code, _, err = run(["--model", model_dir, "--prompt_file", tmp_path / "only.txt"], capsys)
+    assert code == 2 and "the prompt is empty" in err
 
 
 def test_a_bad_setting_from_the_checkpoint_names_the_checkpoint(model_dir, capsys, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -433,6 +434,8 @@ def test_toml_config_and_flags(init_dir, prepared, tmp_path):
     toml.write_text("lr = 'fast'\n")
     with pytest.raises(ConfigError, match=f"--config {toml}: lr must be float"):
         train.parse_config(["--config", str(toml)])
+    toml.write_bytes(b"\xef\xbb\xbfout = '~/runs/a'\n")  # a byte-order mark, and ~, which no shell expanded
+    assert train.parse_config(["--config", str(toml)]).out == str(Path.home() / "runs" / "a")
     toml.write_text("max_step = 3\n")
     with pytest.raises(ConfigError, match=f"--config {toml}: unknown setting 'max_step'; did you mean 'max_steps'"):
         train.parse_config(["--config", str(toml)])
@@ -463,6 +466,10 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     Trainer(config(init_dir, prepared, tmp_path / "other", max_steps=1, eval_interval=1)).train()
     other_before = tree(tmp_path / "other")
     good = ["--init", init_dir, "--data", prepared, "--out", out, "--block_size", 32, "--device", "cpu"]
+    half_prepared = tmp_path / "half"
+    shutil.copytree(prepared, half_prepared)
+    (half_prepared / "val.bin").unlink()
+    init_before = tree(init_dir)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café au lait\n\nun deuxième document\n".encode("latin-1"))
     binary_toml = tmp_path / "binary.toml"
@@ -472,6 +479,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "misspelled flag": [*good, "--max-step", 3],
         "unknown preset": [*good, "--model_preset", "gpt3"],
         "data needs a prepare.py option": [*good[:2], "--data", latin1, "--out", tmp_path / "new", *good[6:]],
+        "prepared data missing a file": [*good[:2], "--data", half_prepared, "--out", tmp_path / "new", *good[6:]],
+        "out is the init checkpoint": [*good[:4], "--out", init_dir, *good[6:], "--overwrite"],
+        "empty init": [*good, "--init", ""],
+        "two config files": [*good, "--config", tmp_path / "a.toml", "--config", tmp_path / "b.toml"],
+        "negative report_tokens": [*good, "--report_tokens", -1],
         "bad value": [*good, "--max_steps", "ten"],
         "invalid value": [*good, "--lr", -1],
         "bad choice": [*good, "--dtype", "fp8"],
@@ -500,6 +512,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert f"run `python data/prepare.py {latin1} --out DIR --errors ...`, then train with --data DIR" in \
         errors["data needs a prepare.py option"]
     assert not (tmp_path / ".prepared").exists()  # the cache folder made for it is gone again
+    assert f"{half_prepared} is not a prepared dataset: it has no val.bin" in errors["prepared data missing a file"]
+    assert "is the --init checkpoint" in errors["out is the init checkpoint"] and tree(init_dir) == init_before
+    assert "--init is empty" in errors["empty init"]
+    assert "--config is given more than once" in errors["two config files"]
+    assert "--report_tokens must be >= 0" in errors["negative report_tokens"]
     assert "is a file, not a directory" in errors["out is a file"]
     assert "--max_steps above 2" in errors["resume past max_steps"]
     assert "not a readable TOML file" in errors["config not UTF-8"]
