@@ -15,16 +15,21 @@ The Hub's tensors differ from ours in two ways only:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import tempfile
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import removed_if_failed
 from .checkpoint import latest_checkpoint
 from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
@@ -34,7 +39,8 @@ from .model import GPT
 OFFICIAL = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-# What a Hub download fetches (glob patterns): a large checkpoint is sharded into model-00001-of-00002.safetensors ...
+# The files of a checkpoint (glob patterns): what a Hub download fetches, and what save_pretrained deletes where it
+# does not write them. A large checkpoint is sharded into model-00001-of-00002.safetensors ...
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                     "model-*-of-*.safetensors")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -92,16 +98,20 @@ def _download(repo_id: str, name: str) -> Path:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files holding the weights: model.safetensors, or the shards its index lists."""
+    """The safetensors files holding the weights: model.safetensors, or else the shards its index lists.
+
+    The single file wins where both exist, as in transformers, so that both libraries read the same weights from any
+    directory (save_pretrained leaves both only while it replaces one layout with the other).
+    """
+    file = directory / "model.safetensors"
+    if file.is_file():
+        return [file]
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
-        file = directory / "model.safetensors"
-        if not file.is_file():
-            hint = " (pytorch_model.bin is not read: minigpt2 never loads pickles)" \
-                if (directory / "pytorch_model.bin").exists() else ""
-            raise CheckpointError(f"{file}: missing{hint}; save the checkpoint with safetensors "
-                                  "(save_pretrained(..., safe_serialization=True))")
-        return [file]
+        hint = " (pytorch_model.bin is not read: minigpt2 never loads pickles)" \
+            if (directory / "pytorch_model.bin").exists() else ""
+        raise CheckpointError(f"{file}: missing{hint}; save the checkpoint with safetensors "
+                              "(save_pretrained(..., safe_serialization=True))")
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
         raise CheckpointError(f"{index}: has no \"weight_map\" object (tensor name -> shard file name); restore the "
@@ -203,11 +213,29 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
     """Write `model` as a Hub checkpoint that transformers' GPT2LMHeadModel.from_pretrained loads, with the
     `generate()` defaults it carries (`model.generation_config`) as generation_config.json.
 
-    Files are written to a temporary directory beside the target and moved into place one by one, so an interrupted
-    save never leaves a half-written weights file under its final name.
+    The files are replaced as a set, not one by one as they are serialised: all of them are written into a hidden
+    staging folder on the same file system first, and renamed into place only then, so a save that fails (an error,
+    Ctrl-C) leaves `directory` as it was. A directory that does not exist yet is staged whole and appears in one
+    rename, complete. In an existing one, each file is renamed over its old version, config.json last: every loader
+    starts from config.json, so an empty directory whose save is killed during those few renames is refused, not
+    loaded incomplete; over an earlier checkpoint, those renames are the only moment that can mix two saves. Files
+    of the checkpoint format that this save does not write, such as an earlier save's shards and their index, are
+    deleted once the new files are in place; other files (a README, a tokenizer's) stay.
     """
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: is a file, but a checkpoint is a directory; pass the path of a directory (it "
+                              "is created if missing)")
+    files = _checkpoint_files(model)
+    if out.exists():
+        _replace_files(out, files)
+    else:
+        _create_directory(out, files)
+
+
+def _checkpoint_files(model: GPT) -> dict[str, Callable[[Path], object]]:
+    """How to write each file of `model`'s checkpoint into a given path, by file name, in the order they are put in
+    place (config.json last, see save_pretrained)."""
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -218,13 +246,48 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
     hf_config = model.config.to_hf_dict()
     # bos_token_id is config.json's: it is what transformers starts from when generating without a prompt.
     generation = {"bos_token_id": hf_config["bos_token_id"], **model.generation_config.to_hub_dict()}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
-        staging = Path(tmp)
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for file in ("model.safetensors", "config.json", "generation_config.json"):
-            os.replace(staging / file, out / file)
-        stale_index = out / "model.safetensors.index.json"
-        if stale_index.exists():
-            stale_index.unlink()
+    return {
+        "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        "generation_config.json": lambda path: path.write_text(json.dumps(generation, indent=2) + "\n",
+                                                               encoding="utf-8"),
+        "config.json": lambda path: path.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"),
+    }
+
+
+def _create_directory(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
+    """Stage `out` whole beside where it goes, then rename it there; parent folders created for it are removed again
+    if that fails."""
+    with removed_if_failed(out.parent), _staging_folder(out.parent, out.name, out) as staging:
+        for name, write in files.items():
+            write(staging / name)
+        os.replace(staging, out)
+
+
+def _replace_files(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
+    """Stage the files inside `out`, rename each over its old version, then delete what is left of an earlier save."""
+    with _staging_folder(out, "save", out) as staging:
+        for name, write in files.items():
+            write(staging / name)
+        for name in files:
+            os.replace(staging / name, out / name)
+    for path in out.iterdir():
+        stale = path.name not in files and any(fnmatch(path.name, pattern) for pattern in CHECKPOINT_FILES)
+        if stale and path.is_file():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _staging_folder(parent: Path, name: str, out: Path) -> Iterator[Path]:
+    """A new hidden folder `.tmp-<name>-<random>` in `parent` (created with its missing parents) for the files of a
+    save to `out`. On the way out it is deleted with whatever it still holds: every file if the save failed, none
+    once they were moved into place."""
+    staging = parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot save a checkpoint there ({exc.strerror}); choose a directory you can "
+                              "write to") from None
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -235,6 +236,110 @@ def test_missing_shard(sharded_dir):
     with pytest.raises(CheckpointError, match=rf"{shards[-1]}: missing, but model\.safetensors\.index\.json lists "
                                               r"it as a shard.*copy it from where the checkpoint came from"):
         GPT.from_pretrained(sharded_dir)
+
+
+def small_gpt(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=32,
+                         initializer_range=0.2)).eval()
+
+
+def files_in(directory: Path) -> dict[str, bytes | None]:
+    """Everything in `directory`, hidden entries too (a staging folder left behind shows): files by their bytes,
+    folders as None."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["over a checkpoint", "new directory"])
+def test_failed_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch, exists):
+    """The disk fills up while config.json is written, after the weights: a previous checkpoint keeps all its files
+    byte for byte, a new directory is not created (nor its missing parents), and no staging folder is left."""
+    target = tmp_path / "runs" / "final"
+    if exists:
+        small_gpt(0).save_pretrained(target)
+        (target / "README.md").write_text("my notes\n")
+    before = files_in(target) if exists else None
+    real_write_text = Path.write_text
+
+    def disk_full_at_config(path, text, *args, **kwargs):
+        if path.name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_at_config)
+    with pytest.raises(OSError, match="No space left"):
+        small_gpt(1).save_pretrained(target)
+    if exists:
+        assert files_in(target) == before and files_in(target.parent) == {"final": None}
+    else:
+        assert files_in(tmp_path) == {}
+
+
+def test_save_over_a_sharded_checkpoint_removes_its_shards(sharded_dir):
+    """Old shards and their index beside the new model.safetensors would be an earlier model that a loader may read
+    (minigpt2 read the index first): the save leaves the new files only, and a user's own file."""
+    (sharded_dir / "README.md").write_text("my notes\n")
+    assert "model.safetensors.index.json" in files_in(sharded_dir)
+    ours = small_gpt(1)
+    ours.save_pretrained(sharded_dir)
+    assert sorted(files_in(sharded_dir)) == ["README.md", "config.json", "generation_config.json",
+                                             "model.safetensors"]
+    assert (sharded_dir / "README.md").read_text() == "my notes\n"
+    x, logits = logits_of(ours)
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(sharded_dir).eval()(x).logits
+    torch.testing.assert_close(theirs, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+    assert torch.equal(logits_of(GPT.from_pretrained(sharded_dir))[1], logits)
+
+
+def test_single_file_wins_over_a_shard_index_as_in_transformers(sharded_dir, tmp_path):
+    """A directory holding both layouts (a save that replaced one with the other was killed before deleting the old
+    one) loads the same weights in both libraries: model.safetensors."""
+    small_gpt(1).save_pretrained(tmp_path / "single")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "single" / name, sharded_dir / name)
+    x, logits = logits_of(GPT.from_pretrained(sharded_dir))
+    assert torch.equal(logits, logits_of(small_gpt(1))[1])
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(sharded_dir).eval()(x).logits
+    torch.testing.assert_close(theirs, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new directory", "empty directory"])
+def test_a_kill_while_files_are_moved_into_place_leaves_nothing_loadable_but_the_whole(tmp_path, monkeypatch, exists):
+    """The directory as a kill just before each rename of the save would leave it. A new directory does not exist
+    until it is complete; an empty one gets config.json, which every loader reads first, only after the rest."""
+    target = tmp_path / "model"
+    if exists:
+        target.mkdir()
+    real_replace = os.replace
+    seen = []
+
+    def replace(src, dst):
+        seen.append({p.name for p in target.iterdir() if not p.name.startswith(".")} if target.exists() else None)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    small_gpt(0).save_pretrained(target)
+    monkeypatch.undo()
+    assert sorted(files_in(target)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert seen, "the save renamed nothing into place"
+    if exists:
+        assert all("config.json" not in state for state in seen), seen
+    else:
+        assert all(state is None for state in seen), seen
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    ("model.safetensors", r"model\.safetensors: is a file, but a checkpoint is a directory; pass the path of a "),
+    ("model.safetensors/sub", r"sub: cannot save a checkpoint there \(Not a directory\); choose a directory"),
+])
+def test_save_to_a_file_is_a_clear_error(broken_dir, path, message):
+    """Both used to be tracebacks (FileExistsError, NotADirectoryError); nothing is written."""
+    before = files_in(broken_dir)
+    with pytest.raises(CheckpointError, match=message):
+        small_gpt(0).save_pretrained(broken_dir / path)
+    assert files_in(broken_dir) == before
 
 
 @pytest.mark.parametrize(("name", "value"), [("transformer.wte.weight", float("nan")),
