@@ -62,7 +62,9 @@ class PreparedDataset:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        fix = f"prepare it with `python data/prepare.py INPUT --out {self.directory}`"
+        # The command replaces a dataset's files only with --overwrite: the fix must say so when there are any.
+        replace = " --overwrite" if any(os.path.lexists(self.directory / n) for n in PREPARED_FILES) else ""
+        fix = f"prepare it with `python data/prepare.py INPUT --out {self.directory}{replace}`"
         if not is_prepared(self.directory):
             missing = [n for n in PREPARED_FILES if not (self.directory / n).is_file()]
             what = "does not exist" if not self.directory.exists() else f"has no {', '.join(missing)}"

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,6 +51,8 @@ from .sources import ERROR_MODES, Source
 from .tokenizer import RANKS_SHA256, Tokenizer
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")  # moved into place in this order: meta.json last
+# The reading options that only some inputs read (by file suffix; a folder's files are read whole, so none).
+INPUT_OPTIONS = {"text_field": (".jsonl", ".json"), "csv_column": (".csv",), "separator": (".txt",)}
 BATCH_CHARS = 1 << 20  # text per tokenisation batch: big enough to amortise thread hand-offs, small in memory
 SPLIT_CHUNK = 1 << 24  # tokens copied per step when splitting the scratch file
 MAX_LISTED_FILES = 1000  # meta.json lists source files one by one up to this many (always hashes all of them)
@@ -368,15 +370,25 @@ def format_summary(meta: dict[str, Any], out: str | os.PathLike[str], seconds: f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`prepare [INPUT] --out DIR [options]`; without INPUT, build the bundled pydocs corpus."""
+    """`prepare [INPUT] --out DIR [options]`; without INPUT, build the bundled pydocs corpus.
+
+    Unlike the library functions, which rebuild caches without asking, the command refuses an --out that already
+    holds a prepared dataset unless --overwrite is given.
+    """
     parser = make_parser("prepare", description="Clean, tokenise and pack text into train.bin/val.bin/meta.json. "
                          "Without INPUT, build the bundled corpus of Python standard library documentation.")
     parser.add_argument("input", nargs="?", metavar="INPUT", type=parse_path,
                         help="a .txt/.md/.json/.jsonl/.csv file or a folder of .txt/.md files")
     add_flag(parser, "out", metavar="DIR", type=parse_path,
              help="output folder (required with INPUT; default for pydocs: data/pydocs)")
-    add_flag(parser, "text_field", default="text", metavar="NAME", help="field of JSON records holding the text")
-    add_flag(parser, "csv_column", default="text", metavar="NAME", help="CSV column holding the text")
+    add_flag(parser, "overwrite", action="store_true",
+             help="replace a prepared dataset already in --out (its train.bin, val.bin and meta.json; other files "
+                  "there are kept)")
+    # No defaults here (prepare_dataset's apply): an unset flag stays None, so that only one the user gave for
+    # another kind of input is refused.
+    add_flag(parser, "text_field", metavar="NAME", help="field of JSON records holding the text (.jsonl/.json input; "
+             "default: text)")
+    add_flag(parser, "csv_column", metavar="NAME", help="CSV column holding the text (.csv input; default: text)")
     add_flag(parser, "separator", metavar="TEXT",
              help="split a .txt file into documents at this text (default: at blank lines)")
     add_flag(parser, "val_fraction", type=float, default=0.1, metavar="F", help="share of documents for validation")
@@ -391,15 +403,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.input is None:
         from .pydocs import build_pydocs  # pydocs itself prepares through this module
 
-        build_pydocs(args.out or "data/pydocs", progress=not args.quiet)
+        out = args.out or "data/pydocs"
+        if not args.overwrite:
+            _refuse_to_replace(Path(out))
+        build_pydocs(out, progress=not args.quiet)
         return 0
     if args.out is None:
         parser.error("--out DIR is required with an INPUT")
-    prepare_dataset(args.input, args.out, text_field=args.text_field, csv_column=args.csv_column,
-                    separator=args.separator, val_fraction=args.val_fraction, seed=args.seed, errors=args.errors,
-                    block_size=args.block_size, workers=args.workers, progress=not args.quiet,
+    reading = {name: getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name) is not None}
+    _check_input_options(Path(args.input), reading)
+    if not args.overwrite:
+        _refuse_to_replace(Path(args.out))
+    prepare_dataset(args.input, args.out, **reading, val_fraction=args.val_fraction, seed=args.seed,
+                    errors=args.errors, block_size=args.block_size, workers=args.workers, progress=not args.quiet,
                     **dataclass_from_flags(CleaningOptions, args).to_dict())
     return 0
+
+
+def _check_input_options(source: Path, given: Iterable[str]) -> None:
+    """ConfigError for a reading option that `source`'s kind of input does not read: it would be silently ignored."""
+    kind = "folder" if source.is_dir() else source.suffix.lower()
+    for name in given:
+        suffixes = INPUT_OPTIONS[name]
+        if kind not in suffixes:
+            if kind == "folder":
+                what = "a folder (each of its files is one document)"
+            else:
+                what = f"a {source.suffix} file" if source.suffix else "a file with no extension"
+            raise ConfigError(f"--{name} applies to {'/'.join(suffixes)} input only, and {source} is {what}; "
+                              "leave it out")
+
+
+def _refuse_to_replace(out: Path) -> None:
+    """ConfigError if `out` holds any file that preparing into it would replace.
+
+    Other files in `out` are never touched (the outputs are added beside them), so only these names count.
+    """
+    found = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]  # a dangling link would be replaced too
+    if not found:
+        return
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        what = f"a prepared dataset (from {meta['source']['path']}, {meta['counts']['tokens']:,} tokens)"
+        them = "it"
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not our meta.json
+        what = f"{', '.join(found)} (an incomplete prepared dataset, or files of the same names)"
+        them = "them"
+    raise ConfigError(f"--out {out} already holds {what}; pass --overwrite to replace {them}, or choose another "
+                      "--out")
 
 
 def cli() -> None:

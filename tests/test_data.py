@@ -260,7 +260,7 @@ def test_ensure_prepared_caches_by_content_and_options(tmp_path):
 
 
 def test_prepared_dataset_validates_its_folder(tmp_path):
-    with pytest.raises(DataError, match="is not a prepared dataset"):
+    with pytest.raises(DataError, match=r"is not a prepared dataset: it has no meta\.json, .*INPUT --out \S+`$"):
         PreparedDataset(tmp_path)
     out = tmp_path / "out"
     prepare_dataset(write(tmp_path / "a.txt", "one two\n\nthree four\n"), out, progress=False)
@@ -268,7 +268,7 @@ def test_prepared_dataset_validates_its_folder(tmp_path):
     assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
     with open(out / "train.bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(DataError, match="incomplete or was modified"):
+    with pytest.raises(DataError, match=r"incomplete or was modified; .* --overwrite`$"):  # what the command needs
         PreparedDataset(out)
 
 
@@ -433,7 +433,7 @@ def test_an_interrupted_corpus_write_leaves_no_file_behind(tmp_path, monkeypatch
 def cli_runs(tmp_path_factory):
     """Run every bad-input case through `python data/prepare.py` at once (they are independent processes).
 
-    Each case writes to its own copy of a prepared dataset, to check that a failure leaves it as it was.
+    Each case replaces (--overwrite) its own copy of a prepared dataset, to check that a failure leaves it as it was.
     """
     tmp = tmp_path_factory.mktemp("cli")
     good = write(tmp / "good.txt", "\n\n".join(f"good paragraph {i}" for i in range(20)))
@@ -456,7 +456,8 @@ def cli_runs(tmp_path_factory):
     for case, (source, extra) in inputs.items():
         out = tmp / f"out-{len(processes)}"
         shutil.copytree(tmp / "baseline", out)
-        command = [sys.executable, str(ROOT / "data" / "prepare.py"), str(source), "--out", str(out), *extra]
+        command = [sys.executable, str(ROOT / "data" / "prepare.py"), str(source), "--out", str(out), "--overwrite",
+                   *extra]
         processes[case] = (out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                  cwd=tmp))
     ok_out = tmp / "ok"
@@ -525,6 +526,106 @@ def test_cli_in_process_usage_errors(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (by relative path) with its bytes: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run the prepare command in this process: its exit status and what it printed to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_refuses_to_replace_a_prepared_dataset(tmp_path, capsys):
+    """Without --overwrite, an --out holding a prepared dataset (or any file of one) is refused before any work."""
+    source = write(tmp_path / "a.txt", "alpha\n\nbeta\n\ngamma\n")
+    out = tmp_path / "out"
+    tokens = prepare_dataset(source, out, progress=False)["counts"]["tokens"]
+    write(out / "notes.md", "the user's own file")
+    before = snapshot(tmp_path)
+    refusal = (f"error: --out {out} already holds a prepared dataset (from {source.resolve()}, {tokens:,} tokens); "
+               "pass --overwrite to replace it, or choose another --out\n")
+    assert run_cli([source, "--out", out], capsys) == (2, refusal)
+    assert run_cli(["--out", out], capsys) == (2, refusal)  # the pydocs corpus would replace it too
+    assert snapshot(tmp_path) == before
+
+    (out / "meta.json").unlink()  # what is left may be the user's own files of those names: refused as well
+    before = snapshot(tmp_path)
+    assert run_cli([source, "--out", out, "--quiet"], capsys) == (
+        2, f"error: --out {out} already holds train.bin, val.bin (an incomplete prepared dataset, or files of the "
+           "same names); pass --overwrite to replace them, or choose another --out\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path, capsys):
+    """A folder of the user's files gets the dataset beside them; --overwrite replaces only the dataset's files."""
+    out = tmp_path / "out"
+    write(out / "notes.md", "the user's own file")
+    first = write(tmp_path / "first.txt", "one\n\ntwo\n\nthree\n")
+    assert run_cli([first, "--out", out, "--quiet"], capsys) == (0, "")
+    check_prepared(out, ["one", "two", "three"])
+    second = write(tmp_path / "second.txt", "four\n\nfive\n")
+    assert run_cli([second, "--out", out, "--overwrite", "--quiet"], capsys) == (0, "")
+    check_prepared(out, ["four", "five"])
+    assert (out / "notes.md").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.txt", "out", "second.txt"]  # no scratch left over
+
+
+@pytest.mark.parametrize("input_name, flags, message", [
+    ("a.txt", ["--text_field", "body"], "--text_field applies to .jsonl/.json input only, and {input} is a .txt file"),
+    ("a.txt", ["--text-field", "text"], "--text_field applies to .jsonl/.json input only, and {input} is a .txt file"),
+    ("a.csv", ["--text_field", "body"], "--text_field applies to .jsonl/.json input only, and {input} is a .csv file"),
+    ("a.jsonl", ["--separator", "|"], "--separator applies to .txt input only, and {input} is a .jsonl file"),
+    ("docs", ["--separator", "|"], "--separator applies to .txt input only, and {input} is a folder (each of its "
+                                   "files is one document)"),
+    ("a.json", ["--csv-column", "body"], "--csv_column applies to .csv input only, and {input} is a .json file"),
+], ids=["text_field-txt", "text_field-default-txt", "text_field-csv", "separator-jsonl", "separator-folder",
+        "csv_column-json"])
+def test_cli_refuses_a_reading_option_the_input_does_not_read(tmp_path, capsys, input_name, flags, message):
+    """A flag that the input's kind does not read (even given its default value) would be silently ignored: it is
+    a one-line error instead, checked before the output folder."""
+    inputs = {"a.txt": "one\n\ntwo\n", "a.csv": "text\none\ntwo\n", "a.jsonl": '{"text": "one"}\n{"text": "two"}\n',
+              "a.json": '[{"text": "one"}, {"text": "two"}]', "docs/a.md": "one", "docs/b.md": "two"}
+    for name, content in inputs.items():
+        write(tmp_path / name, content)
+    prepare_dataset(tmp_path / "a.txt", tmp_path / "out", progress=False)
+    before = snapshot(tmp_path)
+    code, err = run_cli([tmp_path / input_name, "--out", tmp_path / "out", "--quiet", *flags], capsys)
+    assert (code, err) == (2, f"error: {message.format(input=tmp_path / input_name)}; leave it out\n")
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_reading_options_apply_to_their_input(tmp_path, capsys):
+    """Each reading flag still works on the input it is for, and one left unset takes prepare_dataset's default."""
+    records = write(tmp_path / "r.jsonl", '{"body": "first"}\n{"body": "second"}\n')
+    assert run_cli([records, "--out", tmp_path / "j", "--text-field", "body", "--quiet"], capsys) == (0, "")
+    check_prepared(tmp_path / "j", ["first", "second"])
+    table = write(tmp_path / "t.csv", "body\nfirst\nsecond\n")
+    assert run_cli([table, "--out", tmp_path / "c", "--csv_column", "body", "--quiet"], capsys) == (0, "")
+    check_prepared(tmp_path / "c", ["first", "second"])
+    text = write(tmp_path / "s.txt", "first|second\n")
+    assert run_cli([text, "--out", tmp_path / "s", "--separator", "|", "--quiet"], capsys) == (0, "")
+    check_prepared(tmp_path / "s", ["first", "second"])
+    assert PreparedDataset(tmp_path / "s").meta["options"]["text_field"] == "text"  # prepare_dataset's default
+
+
+def test_programmatic_preparation_still_replaces_without_asking(tmp_path):
+    """The refusal is the command's: train.py's automatic preparation rebuilds a stale cache, and prepare_dataset
+    (which build_pydocs calls) replaces an earlier dataset, as before."""
+    paragraphs = [" ".join([f"paragraph {i}"] * 10) for i in range(20)]
+    source = write(tmp_path / "corpus.txt", "\n\n".join(paragraphs))
+    cache = tmp_path / ".prepared"  # where train.py puts the preparation of --data FILE
+    first = ensure_prepared(source, cache, block_size=8, progress=False)
+    with open(first / "train.bin", "ab") as f:  # a damaged (or half-copied) cache
+        f.write(b"\0\0")
+    assert ensure_prepared(source, cache, block_size=8, progress=False) == first
+    check_prepared(first, paragraphs)
+    prepare_dataset(write(tmp_path / "other.txt", "new\n\ndata\n"), first, progress=False)
+    check_prepared(first, ["new", "data"])
 
 
 def test_sigterm_while_preparing_exits_cleanly_and_leaves_nothing(tmp_path):
