@@ -25,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import add_flag, make_parser, parse_bool, parse_path, parse_seed, resolve_device, run_main
-from minigpt2.errors import ConfigError, DataError
+from minigpt2.cli import (add_flag, make_parser, parse_bool, parse_path, parse_seed, read_text_flag, resolve_device,
+                          run_main)
+from minigpt2.errors import ConfigError
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
+from minigpt2.hub import resolve_checkpoint
 from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
 
@@ -90,18 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompt(args: argparse.Namespace) -> str:
+    """The text to continue, from --prompt or the file --prompt_file names; ConfigError or DataError if there is
+    none."""
     if args.prompt is not None and args.prompt_file is not None:
         raise ConfigError("give --prompt or --prompt_file, not both")
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if path.is_dir():
-            raise DataError(f"--prompt_file {path}: is a directory; pass a text file")
-        if not path.is_file():
-            raise DataError(f"--prompt_file {path}: no such file")
-        try:
-            prompt = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is not text
-        except UnicodeDecodeError:
-            raise DataError(f"--prompt_file {path}: not UTF-8 text") from None
+        prompt = read_text_flag(args.prompt_file, "prompt_file")
     elif args.prompt is not None:
         prompt = args.prompt
     else:
@@ -123,16 +119,25 @@ def settings_from_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
     return settings
 
 
-def explain(exc: SettingError, args: argparse.Namespace) -> str:
-    """A generation setting's error in the command line's terms: the flag that gave the value, else the checkpoint's
-    settings or the defaults. (A --strategy preset sets only values that are valid on their own, so it is never the
-    one named, though it may be what a named value clashes with.)"""
+def settings_file(checkpoint: Path) -> Path:
+    """The file that the checkpoint directory's generate() defaults come from: its generation_config.json, or without
+    it, as transformers falls back to (see hub.py), its config.json."""
+    file = checkpoint / "generation_config.json"
+    return file if file.is_file() else checkpoint / "config.json"
+
+
+def explain(exc: SettingError, args: argparse.Namespace, base: GenerationConfig, source: Path) -> str:
+    """A generation setting's error in the command line's terms: the flag that gave the value, else the file
+    `source` that gave the checkpoint's settings `base`, else the default. (A --strategy preset sets only values that
+    are valid on their own, so it is never the one named, though it may be what a named value clashes with.)"""
     name = exc.name
     if name == "num_return_sequences" and hasattr(args, "num_samples"):
         name = "num_samples"
     if hasattr(args, name):
         return exc.as_flag(name)
-    return f"{name}={exc.value!r} (no flag set it: it is {args.model}'s setting or the default): {exc.why}"
+    # The checkpoint's settings are the defaults but for what its file sets: exactly what to_hub_dict writes back.
+    where = f"from {source}" if exc.name in base.to_hub_dict() else "(the default)"
+    return f"{exc.name}={exc.value!r} {where}: {exc.why}"
 
 
 def continuation(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -190,11 +195,7 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return sample(args)
-    except SettingError as exc:
-        raise ConfigError(explain(exc, args)) from None
+    return sample(build_parser().parse_args(argv))
 
 
 def sample(args: argparse.Namespace) -> int:
@@ -204,10 +205,21 @@ def sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--compare runs every strategy, so --strategy {args.strategy} would be ignored; give one "
                           "of them")
     settings = settings_from_flags(args)
-    samples = settings.pop("num_return_sequences", None) if args.compare else None
     device = resolve_device(args.device)
     # Loaded before the settings are put together: the checkpoint's generation_config is their base.
-    model = GPT.from_pretrained(args.model).to(device)
+    checkpoint = resolve_checkpoint(args.model)
+    model = GPT.from_pretrained(checkpoint).to(device)
+    try:
+        decode(args, model, prompt, settings)
+    except SettingError as exc:
+        raise ConfigError(explain(exc, args, model.generation_config, settings_file(checkpoint))) from None
+    return 0
+
+
+def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str, typing.Any]) -> None:
+    """Put the flags' `settings` over the checkpoint's, and print what the flags ask for: the samples, a stream, or
+    every strategy side by side."""
+    samples = settings.pop("num_return_sequences", None) if args.compare else None
     base = model.generation_config
     config = GenerationConfig.from_strategy(args.strategy, base, **settings) if args.strategy \
         else GenerationConfig.from_kwargs(base, **settings)
@@ -215,6 +227,7 @@ def sample(args: argparse.Namespace) -> int:
         raise ConfigError("--stream prints one sequence as it grows: it does not combine with beam search "
                           "(num_beams > 1, from --num_beams or the checkpoint), --num_samples > 1 or --compare")
 
+    device = next(model.parameters()).device
     tok = Tokenizer()
     prompt_ids = torch.tensor([tok.encode(prompt)], device=device)
     if args.compare:
@@ -232,7 +245,6 @@ def sample(args: argparse.Namespace) -> int:
             if len(texts) > 1:
                 print(f"=== sample {i + 1}/{len(texts)} ===")
             print(prompt + shown_text(tok, tokens, config))
-    return 0
 
 
 if __name__ == "__main__":

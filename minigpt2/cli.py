@@ -1,4 +1,5 @@
-"""Helpers shared by every command-line front end: flags from a dataclass, --device, and errors as one line.
+"""Helpers shared by every command-line front end: flags from a dataclass, --device, text files that flags name, and
+errors as one line.
 
 Each script (`train.py`, `sample.py`, `data/prepare.py`, `python -m minigpt2.evaluate`) is a thin `main(argv)` wrapped
 in `run_main`, so a user mistake prints `error: ...` and exits with status 2 instead of a traceback.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, MiniGPT2Error
+from .errors import ConfigError, DataError, MiniGPT2Error
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +90,27 @@ def parse_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a path")
     return text
+
+
+def read_text_flag(path: str | Path, flag: str | None = None) -> str:
+    """The text of the UTF-8 file at `path`, which the flag `--flag` names (None: a file the library was given).
+
+    A leading byte-order mark, which Windows editors write, is dropped: it is not text. A folder, a missing or
+    unreadable file and bytes that are not UTF-8 are a DataError of one line that starts with `--flag path: ` (with
+    `path: ` alone when there is no flag) and says what to do.
+    """
+    where = f"--{flag} {path}" if flag else str(path)
+    file = Path(path)
+    if file.is_dir():  # reading one fails with a different OSError on each system
+        raise DataError(f"{where}: is a directory; pass a text file")
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{where}: cannot be read ({exc.strerror}); pass a readable text file") from None
 
 
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds

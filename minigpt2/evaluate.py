@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_flag, make_parser, parse_path, parse_seed, resolve_device, run_main
+from .cli import add_flag, make_parser, parse_path, parse_seed, read_text_flag, resolve_device, run_main
 from .errors import ConfigError, DataError
 from .generation_config import STRATEGIES, SettingError
 from .model import GPT
@@ -206,22 +206,13 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
                             "text files to it, or pass a text file or a dataset folder written by data/prepare.py")
     else:
         files = [path]
-    texts = [_read_utf8(file) for file in files]
+    texts = [read_text_flag(file) for file in files]
     ids: list[int] = []
     for i, encoded in enumerate(tokenizer.encode_batch(texts)):
         ids.extend(([EOT_ID] if i else []) + encoded)
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     source = str(path) if len(files) == 1 else f"{path} ({len(files)} files)"
     return EvalText(np.asarray(ids, dtype=np.int64), n_bytes, source)
-
-
-def _read_utf8(file: Path) -> str:
-    try:  # utf-8-sig: a leading byte order mark (Windows editors write one) is not text, as in data/prepare.py
-        return file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"{file}: cannot be read ({exc.strerror}); pass a readable text file") from None
 
 
 def _load_prepared(directory: Path, tokenizer: Tokenizer) -> EvalText:
@@ -305,20 +296,14 @@ def _parse_strategies(text: str) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def _named_by(flag: str, path: str) -> Iterator[None]:
-    """DataErrors about the file `--flag path` names, starting with the flag (the library's start with the path)."""
-    try:
-        yield
-    except DataError as exc:
-        raise DataError(f"--{flag} {path}: {str(exc).removeprefix(f'{Path(path)}: ')}") from None
-
-
 def _load_text(path: str) -> EvalText:
-    """--text, read and checked before any model is loaded: a text too short to score fails in a second."""
-    with _named_by("text", path):
+    """--text, read and checked before any model is loaded: a text too short to score fails in a second. Its
+    errors start with `--text path: `, as read_text_flag's do (the library's start with the path alone)."""
+    try:
         text = load_eval_text(path)
         _check_scorable(text.tokens)
+    except DataError as exc:
+        raise DataError(f"--text {path}: {str(exc).removeprefix(f'{Path(path)}: ')}") from None
     return text
 
 
@@ -349,8 +334,7 @@ def _run_report(args) -> int:
     if not all(prompt.strip() for prompt in prompts):
         raise ConfigError("--prompt: a prompt is empty; give some text to continue")
     if args.prompts_file:
-        with _named_by("prompts_file", args.prompts_file):
-            lines = [line for line in _read_utf8(Path(args.prompts_file)).splitlines() if line.strip()]
+        lines = [line for line in read_text_flag(args.prompts_file, "prompts_file").splitlines() if line.strip()]
         if not lines:
             raise DataError(f"--prompts_file {args.prompts_file}: holds no non-blank line; write one prompt per "
                             "line, or leave the flag out to draw prompts from --text")

@@ -230,13 +230,9 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
 
     attention_mask = _attention_mask(input_ids, attention_mask, config)
     new = config.new_tokens(T)
-    length_given = config.max_new_tokens is not None or config.max_length is not None
-    if T + new > context and not config.sliding_window and not length_given:
-        new = context - T  # the default length stops at the context quietly, as in transformers
-    if (T + new > context or new <= 0) and not config.sliding_window:
-        raise ConfigError(f"the prompt ({T} tokens) + max_new_tokens ({config.new_tokens(T)}) exceeds the model's "
-                          f"context of {context} positions; shorten the prompt, lower max_new_tokens, or set "
-                          "sliding_window=True to drop the oldest tokens as the text grows")
+    if not config.sliding_window:
+        _check_length(config, T, context)
+        new = min(new, context - T)  # the default length stops at the context quietly, as in transformers
     stop = StopStrings(config.stop_strings, tokenizer or Tokenizer()) if config.stop_strings else None
     rows_per_prompt = max(config.num_beams, config.num_return_sequences)
     config.check_batch(B)
@@ -254,6 +250,25 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     eos = torch.tensor(config.eos_ids, device=input_ids.device) if config.eos_ids else None
     processors = build_processors(config, prompt_length=T, prompt_padding=padding, device=input_ids.device)
     return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)
+
+
+def _check_length(config: GenerationConfig, prompt_length: int, context: int) -> None:
+    """Refuse a length that runs past the model's context, naming the setting that asked for it (max_new_tokens wins
+    over max_length, as in transformers) so that a caller can say where its value came from."""
+    window = "or set sliding_window=True to drop the oldest tokens as the text grows"
+    if config.max_new_tokens is not None:
+        total = prompt_length + config.max_new_tokens
+        if total > context:
+            raise SettingError("max_new_tokens", config.max_new_tokens, f"makes {total} tokens with the prompt, more "
+                               f"than the model's context of {context} positions; lower it, shorten the prompt, "
+                               f"{window}")
+    elif config.max_length is not None:
+        if config.max_length > context:  # it counts the prompt too: too long whatever the prompt
+            raise SettingError("max_length", config.max_length, f"is longer than the model's context of {context} "
+                               f"positions; set max_new_tokens instead (it wins over max_length), lower it, {window}")
+    elif prompt_length >= context:
+        raise ConfigError(f"the prompt ({prompt_length} tokens) fills the model's context of {context} positions, "
+                          f"leaving no room for new tokens; shorten the prompt, {window}")
 
 
 def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:

@@ -270,7 +270,7 @@ def test_bad_prompts_file_names_the_flag(checkpoint, tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "a_dir").mkdir()
-    for name, fix in (("missing.txt", "readable text file"), ("a_dir", "readable text file"),
+    for name, fix in (("missing.txt", "no such file; check the path"), ("a_dir", "is a directory; pass a text file"),
                       ("latin1.txt", "convert it to UTF-8"), ("blank.txt", "one prompt per line")):
         prompts = tmp_path / name
         err = cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--prompts_file", str(prompts)], capsys)

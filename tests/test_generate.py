@@ -360,6 +360,21 @@ def test_context_overflow_is_a_clear_error(pair):
         ours.generate(ids, max_new_tokens=11, num_beams=2, sliding_window=True)
 
 
+def test_max_length_past_the_context_is_refused_as_itself_and_max_new_tokens_wins_over_it(pair, hf_checkpoint,
+                                                                                           tmp_path):
+    """A checkpoint's max_length longer than the context is named as max_length, not as the max_new_tokens it
+    implies; a max_new_tokens given to generate() wins over it, as in transformers."""
+    n_positions = pair[0].config.n_positions
+    ids, _ = prompts(34)
+    path = checkpoint_with(hf_checkpoint(), tmp_path, max_length=n_positions + 1)
+    with pytest.raises(SettingError, match=f"^max_length={n_positions + 1}: is longer than the model's context of "
+                                           f"{n_positions} positions; set max_new_tokens instead") as raised:
+        GPT.from_pretrained(path).generate(ids)
+    assert raised.value.name == "max_length"
+    ours, theirs = generate_both(path, ids, max_new_tokens=4)
+    assert ours.tolist() == theirs.tolist() and ours.shape[1] == ids.shape[1] + 4
+
+
 def test_sliding_window_predicts_each_token_from_its_window(pair):
     ours, _ = pair
     n = ours.config.n_positions

@@ -15,6 +15,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2LMHeadModel
 
 from minigpt2 import ConfigError, Tokenizer
+from minigpt2.generation_config import GenerationConfig, SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,6 +176,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--strategy", "beam", "--num_return_sequences", "6"], "--num_return_sequences 6: beam "
                                                                               "search can return at most"),
     (["--prompt", "x", "--max_length", "1"], "--max_length 1: leaves no room after the prompt"),
+    (["--prompt", "x", "--max_length", "500"], "--max_length 500: is longer than the model's context of 128 "
+                                                "positions; set max_new_tokens instead"),
     (["--prompt", "x", "--eos_token_id", "60000"], "--eos_token_id 60000: is outside the model's vocabulary"),
     (["--prompt", "x", "--top-k", "abc"], "top-k"),
     (["--prompt", "x", "--early_stopping", "maybe"], "early_stopping"),
@@ -182,7 +185,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt_file", "{missing}"], "no such file"),
     (["--prompt_file", "{tmp}"], "is a directory; pass a text file"),
     ([], "no prompt"),
-    (["--prompt", "x", "--max_new_tokens", "500"], "context"),
+    (["--prompt", "x", "--max_new_tokens", "500"], "--max_new_tokens 500: makes 501 tokens with the prompt, more "
+                                                    "than the model's context of 128 positions"),
     (["--prompt", "x", "--num_beams", "2", "--stream"], "stream"),
     (["--prompt", "x", "--device", "gpu0"], "--device"),
     (["--prompt", "x", "--device", "meta"], "torch cannot compute on it"),
@@ -208,14 +212,53 @@ def test_a_byte_order_mark_is_not_part_of_the_prompt(model_dir, capsys, tmp_path
     assert code == 2 and "the prompt is empty" in err
 
 
-def test_a_bad_setting_from_the_checkpoint_names_the_checkpoint(model_dir, capsys, tmp_path):
-    """A value the command line did not give is blamed on the checkpoint's generation_config, not on a flag."""
+def test_a_prompt_file_that_is_not_utf8_is_named_with_the_fix(model_dir, capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    code, _, err = run(["--model", model_dir, "--prompt_file", tmp_path / "latin1.txt"], capsys)
+    assert code == 2
+    assert err == (f"error: --prompt_file {tmp_path / 'latin1.txt'}: not UTF-8 text (invalid continuation byte at "
+                   "byte 3); convert it to UTF-8\n")
+
+
+def test_a_bad_setting_from_the_checkpoint_names_its_file(model_dir, capsys, tmp_path):
+    """A value the command line did not give is blamed on the checkpoint's generation_config.json, not on a flag."""
     shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
     HFGenerationConfig(do_sample=True, num_return_sequences=2).save_pretrained(tmp_path)
     code, _, err = run(["--model", tmp_path, "--prompt", "x", "--do_sample", "false"], capsys)
     assert code == 2
-    assert err == (f"error: num_return_sequences=2 (no flag set it: it is {tmp_path}'s setting or the default): "
-                   "greedy search gives one sequence per prompt; set do_sample=True or num_beams > 1\n")
+    assert err == (f"error: num_return_sequences=2 from {tmp_path / 'generation_config.json'}: greedy search gives "
+                   "one sequence per prompt; set do_sample=True or num_beams > 1\n")
+
+
+def test_explain_blames_the_flag_else_the_checkpoint_file_else_the_default(tmp_path):
+    args = sample.build_parser().parse_args(["--model", "m", "--top_k", "3"])
+    base = GenerationConfig.from_hub_dict({"top_p": 0.5})
+    source = tmp_path / "generation_config.json"
+    for name, value, expected in (("top_k", 3, "--top_k 3: why"), ("top_p", 0.5, f"top_p=0.5 from {source}: why"),
+                                  ("temperature", 1.0, "temperature=1.0 (the default): why")):
+        assert sample.explain(SettingError(name, value, "why"), args, base, source) == expected
+
+
+@pytest.mark.parametrize(("setting", "why"), [
+    (dict(max_length=2048), "is longer than the model's context of 128 positions; set max_new_tokens instead (it "
+                            "wins over max_length), lower it, or set sliding_window=True to drop the oldest tokens as "
+                            "the text grows"),
+    (dict(max_new_tokens=500), "makes 503 tokens with the prompt, more than the model's context of 128 positions; "
+                               "lower it, shorten the prompt, or set sliding_window=True to drop the oldest tokens as "
+                               "the text grows"),
+])
+def test_a_length_from_the_checkpoint_past_its_context_names_the_file(model_dir, capsys, tmp_path, setting, why):
+    """The length the checkpoint's generation_config.json asks for is blamed on that file, under the name it has
+    there; a --max_new_tokens that fits wins over it, as max_new_tokens wins over max_length in transformers."""
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    HFGenerationConfig(**setting).save_pretrained(tmp_path)
+    (name, value), = setting.items()
+    code, out, err = run(["--model", tmp_path, "--prompt", "The answer is"], capsys)
+    assert (code, out) == (2, "")
+    assert err == f"error: {name}={value} from {tmp_path / 'generation_config.json'}: {why}\n"
+    code, out, _ = run(["--model", tmp_path, "--prompt", "The answer is", "--max_new_tokens", 5], capsys)
+    assert code == 0
+    assert out == transformers_output(tmp_path, "The answer is", max_new_tokens=5)
 
 
 def test_script_exits_2_without_traceback(tmp_path):
