@@ -30,6 +30,7 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The resolved TrainConfig: defaults < saved settings of the run resumed < --config file < flags."""
     from minigpt2.checkpoint import read_saved_config
+    from minigpt2.config import preset_key
     from minigpt2.trainer import find_resume_checkpoint
 
     parser = make_parser("train.py", description="Train or fine-tune GPT-2 (see the module docstring).")
@@ -45,6 +46,14 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     if resumed is not None:
         saved = {k: v for k, v in read_saved_config(resumed).items() if k not in ("resume", "overwrite")}
         config = dataclass_from_flags(TrainConfig, args, {**saved, **from_file})
+    # A preset only shapes a new random model; anywhere else it would be ignored without a word.
+    if args.model_preset is not None and config.init != "scratch":
+        parser.error(f"--model_preset shapes a new model (--init scratch); --init {config.init} loads a model that "
+                     "has its own shape: drop --model_preset, or use --init scratch")
+    if args.model_preset is not None and resumed is not None and \
+            preset_key(args.model_preset) != preset_key(saved["model_preset"]):  # the resume hint repeats its own
+        parser.error(f"--model_preset {args.model_preset}: the run resumed from {resumed} has the shape of "
+                     f"{saved['model_preset']}, which its checkpoint keeps; drop --model_preset")
     return config
 
 

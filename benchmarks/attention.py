@@ -72,7 +72,8 @@ def main() -> None:
                     else:
                         def step(attention=attention):
                             attention(q, k, v).backward(grad_out)
-                    ms = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v])
+                    ms = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v],
+                                                  return_mode="median")
                     tflops.append(flops / (ms * 1e-3) / 1e12)
                 print(f"{dtype_name:>5} {T:>5} {f'{B}x{H}':>8} {pass_name:>8} {tflops[0]:>13.1f} {tflops[1]:>13.1f} "
                       f"{tflops[0] / tflops[1]:>9.2f}")

@@ -103,9 +103,12 @@ def our_trainer(checkpoint: str, corpus: Path, out: Path, batch: int, seq: int, 
 
 def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
     """Median seconds per step of each contender, steps interleaved."""
-    for step in contenders.values():
+    for name, step in contenders.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             step()
+        print(f"      warm-up of {name}: {time.perf_counter() - start:.1f} s ({warmup} steps, compiling if asked)",
+              flush=True)
     times = {name: [] for name in contenders}
     for _ in range(steps):
         for name, step in contenders.items():
@@ -113,6 +116,26 @@ def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def profile(step, device: str, steps: int = 3, rows: int = 15) -> None:
+    """Where a step's time goes: the operators (kernels, on a GPU) that took the most time over `steps` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    kind = "device" if device.startswith("cuda") else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{kind}_time_total") > 0]
+    events.sort(key=lambda e: getattr(e, f"self_{kind}_time_total"), reverse=True)
+    total = sum(getattr(e, f"self_{kind}_time_total") for e in events)
+    print(f"      profile: {total / steps / 1e3:.2f} ms of {kind} time a step; the {rows} largest operators:")
+    for e in events[:rows]:
+        us = getattr(e, f"self_{kind}_time_total")
+        print(f"      {us / steps / 1e3:>8.2f} ms {us / total:>6.1%} {e.count // steps:>5}x  {e.key[:90]}")
 
 
 def classic_batches(corpus: Path, batch: int, length: int, count: int, seed: int = 0):
@@ -149,6 +172,8 @@ def main() -> None:
     parser.add_argument("--attn_impls", default="sdpa", help="minigpt2's attentions to race, e.g. sdpa,triton")
     parser.add_argument("--classic_batch", type=int, default=2)
     parser.add_argument("--skip_classic", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="after the race, list where a step of minigpt2's "
+                        "first attention spends its time (torch.profiler)")
     args = parser.parse_args()
     impls = args.attn_impls.split(",")
     if "triton" in impls and args.dropout > 0:
@@ -196,6 +221,8 @@ def main() -> None:
                     ours_flops = tokens_per_step * flops_per_token / seconds[label]
                     print(f"{'':<6}{label} MFU vs {name}'s nominal bf16 peak ({nominal / 1e12:.0f} TFLOP/s): "
                           f"{ours_flops / nominal:.1%}")
+            if args.profile:
+                profile(next(iter(ours.values())).train_step, args.device)
             del ours, theirs, fused
 
         if not args.skip_classic:

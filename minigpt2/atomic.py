@@ -3,7 +3,8 @@
 The new content goes to a temporary file beside the target, which is then renamed over it: on POSIX and Windows a
 rename within one directory replaces the target in a single step, so readers see the old file or the new one,
 never a mix. Every file minigpt2 writes goes through here (checkpoint directories are staged the same way, whole).
-A command that fails leaves no folder behind either: see `removed_if_failed`.
+A command that fails leaves no folder behind either: see `removed_if_failed`. And two processes never write one
+folder's files at once: see `FolderLock`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked there
+    fcntl = None
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
@@ -47,3 +53,56 @@ def removed_if_failed(folder: str | os.PathLike[str]) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 f.rmdir()
         raise
+
+
+class FolderLock:
+    """One writer per folder: an exclusive lock on the file `.lock` inside it, which holds the owner's process id.
+
+    The lock is the operating system's (flock), not the file's existence, so it ends with its process however that
+    ends: a run killed with SIGKILL leaves at most a stale `.lock` file, which the next run simply takes over.
+    `release` deletes the file while still holding the lock. A process that opened the old file just before then
+    could lock that deleted file, so `acquire` checks that the file it locked is still the one at the path.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> int | None:
+        """Take the lock (the folder must exist); None on success, else the process id of the holder (0 if its
+        file does not say)."""
+        if fcntl is None or self.held:
+            return None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                return int(holder) if holder.isdigit() else 0
+            try:
+                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return None
+            os.close(fd)  # released and deleted by its holder meanwhile: lock the file now at the path
+
+    def release(self) -> None:
+        """Give the lock up and delete its file (a no-op when not held)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None

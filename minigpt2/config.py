@@ -61,7 +61,7 @@ class GPTConfig:
         """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or `tiny` for tests and quick runs."""
         if not is_preset(name):
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name.removeprefix(HUB_ORG)], **overrides)
+        return dataclasses.replace(PRESETS[preset_key(name)], **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` that transformers' GPT2Config reads."""
@@ -127,6 +127,11 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+def preset_key(name: str) -> str:
+    """A preset name without the Hub's organisation: openai-community/gpt2 and gpt2 are one preset."""
+    return name.removeprefix(HUB_ORG)
+
+
 def is_preset(name: str) -> bool:
     """Whether `name` is a preset's name, spelled bare (gpt2) or with the Hub's organisation (openai-community/gpt2)."""
-    return name.removeprefix(HUB_ORG) in PRESETS
+    return preset_key(name) in PRESETS

@@ -10,7 +10,8 @@ then the softmax's gradient, each a pass through memory. Here the forward keeps 
 logsumexp), and the backward forms softmax(z) - onehot(t) slice by slice, each slice in fp32 while it sits in the
 cache, and writes the gradient once, in the logits' own dtype. The result equals F.cross_entropy to fp32 rounding
 (tests/test_loss.py). The slices are sized for a CPU's cache; on a GPU, where F.cross_entropy is a few fused
-kernels and a Python loop of small ones would only add launches, lm_loss uses it.
+kernels and a Python loop of small ones would only add launches, lm_loss uses it, and so it does under
+torch.compile, which fuses the upcast, the log-softmax and its gradient by itself.
 """
 
 from __future__ import annotations
@@ -70,6 +71,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not line up: targets "
                          "need the logits' shape without the vocabulary dimension")
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # (B, T, V) -> (B*T, V)
-    if logits.device.type != "cpu":
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     return _CrossEntropy.apply(logits, targets, ignore_index)

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .atomic import write_atomically
+from .atomic import FolderLock, write_atomically
 from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
@@ -204,8 +205,12 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank, training=True)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.out = Path(config.out)
+        self.out_lock = FolderLock(self.out)
         if self.dist.is_main:
             check_output_dir(self.out)
+            if self.out.is_dir():  # fail before loading anything when a run is busy there; train() takes the lock
+                self._lock_out()
+                self.out_lock.release()
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         init_dir = Path(config.init)
         if self.resume_from is None and init_dir.is_dir() and init_dir.resolve() == self.out.resolve():
@@ -214,15 +219,8 @@ class Trainer:
         # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
         self._continues_out = self.resume_from is not None and \
             self.resume_from.resolve().parent == self.out.resolve()
-        if self.dist.is_main and not config.overwrite and not self._continues_out and previous_run(self.out):
-            if config.resume == "auto":
-                raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
-                                  "--overwrite to start again, or choose another --out")
-            if self.resume_from is not None:
-                raise ConfigError(f"{self.out} already holds a training run that --resume {config.resume} would "
-                                  "replace; pass --overwrite to replace it, or choose another --out")
-            raise ConfigError(f"{self.out} already holds a training run; pass --resume auto to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+        if self.dist.is_main:
+            self._check_no_other_run()
         state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
         if state is not None and int(state["step"]) > config.max_steps:
             raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, past --max_steps "
@@ -232,6 +230,7 @@ class Trainer:
         self.data = self._load_data()
         self._check_fit()
         self.model = self._wrap_model(self.raw_model)
+        self.forward_loss = self._forward_loss()
         self.optimizer = AdamW(param_groups(self.raw_model, config.weight_decay), lr=config.lr,
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.schedule = LRSchedule(config.lr, config.max_steps, config.warmup_steps, config.lr_schedule,
@@ -332,9 +331,21 @@ class Trainer:
 
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None)
-        if cfg.compile:
-            model = torch.compile(model)
+        if cfg.compile and self.dist.enabled:
+            model = torch.compile(model)  # DDP's gradient hooks stay outside the compiled region
         return model
+
+    def _forward_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(x, y) -> mean loss of the model on one micro-batch; model and loss compiled together with --compile.
+
+        Compiled as one, the cross-entropy fuses into the head's output: for a batch of 16 x 1,024 tokens the logits
+        are 16,384 x 50,257 numbers, and in eager mode their fp32 copy, log-softmax and gradient are each a pass
+        through 3.3 GB of memory, a sixth of a gpt2 step on a GPU (docs/benchmarks.md).
+        """
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return lm_loss(self.model(x), y)
+
+        return torch.compile(forward_loss) if self.config.compile and not self.dist.enabled else forward_loss
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -362,8 +373,12 @@ class Trainer:
 
         Returns what happened; raises TrainingError if updates stayed non-finite for max_bad_steps in a row.
         """
+        until = self.config.max_steps if stop_after is None else min(stop_after, self.config.max_steps)
+        with self._out_locked():
+            return self._train_until(until)
+
+    def _train_until(self, until: int) -> TrainResult:
         cfg = self.config
-        until = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
         set_aside = self._start_files()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * self.dist.world_size
         bar = self._progress_bar()
@@ -432,7 +447,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
                 with sync:
                     with self._autocast():
-                        loss = lm_loss(self.model(x[rows]), y[rows])
+                        loss = self.forward_loss(x[rows], y[rows])
                     loss_sum += loss.detach()
                     scaled = loss / cfg.grad_accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -553,19 +568,55 @@ class Trainer:
         return None if step is None else self.out / ckpt.checkpoint_name(step)
 
     # ---------------------------------------------------------------------------------------------- files
+    @contextlib.contextmanager
+    def _out_locked(self) -> Iterator[None]:
+        """Create the output directory and hold its lock while the main process writes there."""
+        if not self.dist.is_main:
+            yield
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {self.out}: cannot create the directory ({exc.strerror}); choose another "
+                              "--out") from None
+        self._lock_out()
+        try:
+            yield
+        finally:
+            self.out_lock.release()
+
+    def _lock_out(self) -> None:
+        """Take --out's lock, or say which run holds it: two runs writing one directory would mix their files."""
+        holder = self.out_lock.acquire()
+        if holder is not None:
+            which = f" (process {holder})" if holder else ""
+            raise ConfigError(f"--out {self.out} is in use by another training run{which}; wait for it to end, or "
+                              "choose another --out")
+
+    def _check_no_other_run(self) -> None:
+        """ConfigError if --out holds another run's files that this run would mix with or replace unasked."""
+        config = self.config
+        if config.overwrite or self._continues_out or not previous_run(self.out):
+            return
+        if config.resume == "auto":
+            raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
+                              "--overwrite to start again, or choose another --out")
+        if self.resume_from is not None:
+            raise ConfigError(f"{self.out} already holds a training run that --resume {config.resume} would "
+                              "replace; pass --overwrite to replace it, or choose another --out")
+        raise ConfigError(f"{self.out} already holds a training run; pass --resume auto to continue it, "
+                          "--overwrite to replace it, or choose another --out")
+
     def _start_files(self) -> Path | None:
-        """Create the output directory; set a replaced run aside; write train_config.json; trim metrics.jsonl.
+        """Set a replaced run aside; remove what a killed save left; write train_config.json; trim metrics.jsonl.
 
         Returns the folder holding a run replaced by --overwrite: it is deleted once the new run has its first
         checkpoint, so a new run that fails early leaves the old one recoverable.
         """
         set_aside = None
         if self.dist.is_main:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"--out {self.out}: cannot create the directory ({exc.strerror}); choose another "
-                                  "--out") from None
+            if not self._files_started:  # again, under the lock: another run may have written there since set-up
+                self._check_no_other_run()
             ckpt.remove_stale_temporaries(self.out)
             replacing = self.config.overwrite and not self._continues_out and not self._files_started
             old = previous_run(self.out) if replacing else []

@@ -478,6 +478,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "unknown flag": [*good, "--bogus", 1],
         "misspelled flag": [*good, "--max-step", 3],
         "unknown preset": [*good, "--model_preset", "gpt3"],
+        "preset of a loaded model": [*good[:6], "--out", tmp_path / "new", *good[6:], "--model_preset", "gpt2"],
         "data needs a prepare.py option": [*good[:2], "--data", latin1, "--out", tmp_path / "new", *good[6:]],
         "prepared data missing a file": [*good[:2], "--data", half_prepared, "--out", tmp_path / "new", *good[6:]],
         "out is the init checkpoint": [*good[:4], "--out", init_dir, *good[6:], "--overwrite"],
@@ -509,6 +510,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
     assert errors["misspelled flag"].endswith("did you mean --max-steps? (see --help)")
     assert "--model_preset 'gpt3' is not one of gpt2, gpt2-medium" in errors["unknown preset"]
+    assert f"--model_preset shapes a new model (--init scratch); --init {init_dir} loads a model that has its own " \
+        "shape" in errors["preset of a loaded model"]
     assert f"run `python data/prepare.py {latin1} --out DIR --errors ...`, then train with --data DIR" in \
         errors["data needs a prepare.py option"]
     assert not (tmp_path / ".prepared").exists()  # the cache folder made for it is gone again
@@ -525,6 +528,24 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "--resume" in elsewhere and "--overwrite" in elsewhere
     assert tree(out) == before and tree(tmp_path / "other") == other_before
     assert not (tmp_path / "new").exists()
+
+
+def test_cli_resume_keeps_the_checkpoints_shape(prepared, tmp_path):
+    """Resuming a scratch run: its own preset (as the resume hint repeats it, in either spelling) is accepted,
+    another is refused rather than ignored."""
+    out = tmp_path / "run"
+    Trainer(TrainConfig(init="scratch", model_preset="tiny", data=str(prepared), out=str(out), max_steps=1,
+                        batch_size=2, block_size=32, eval_interval=0, device="cpu", progress=False, samples=0,
+                        report=False)).train()
+    before = tree(out)
+    resume = ["--init", "scratch", "--out", out, "--resume", "auto", "--device", "cpu", "--report", "false"]
+    done = run_cli(*resume, "--model_preset", "gpt2")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"train.py: error: --model_preset gpt2: the run resumed from {out / 'checkpoint-0000001'} has the shape of "
+        "tiny, which its checkpoint keeps; drop --model_preset (see --help)"]
+    assert tree(out) == before
+    done = run_cli(*resume, "--model_preset", "openai-community/tiny")
+    assert done.returncode == 0, done.stderr
 
 
 def test_cli_hub_unreachable_names_the_offline_options(tmp_path):
@@ -618,3 +639,87 @@ def test_metrics_lines_are_resume_exact_with_a_log_interval(init_dir, prepared, 
     straight = lines(tmp_path / "a")
     assert [r["step"] for r in straight if "loss" in r] == [3, 6, 7]
     assert lines(tmp_path / "b") == straight
+
+
+def test_compiled_training_takes_the_eager_steps_in_one_graph(init_dir, prepared, tmp_path, monkeypatch):
+    """--compile compiles the model and the loss as one graph (no break between them, none inside) and takes the
+    eager loop's updates, to rounding. Inductor sums in another order, and Adam's step is about lr whatever a
+    gradient's size, so a weight whose gradient is near zero can move by a part of lr (3e-3) more or less: 1e-4
+    allows that, while a wrong loss or gradient would move the weights by whole steps of lr."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    common = dict(max_steps=2, grad_accum=2, eval_interval=0, dropout=0.0)
+    eager = Trainer(config(init_dir, prepared, tmp_path / "eager", **common)).train()
+    traced = {"loss": False}  # whether dynamo traced the loss (written, never read: no guard, no recompile)
+    real = trainer_module.lm_loss
+    monkeypatch.setattr(trainer_module, "lm_loss", lambda logits, y: torch.compiler.is_compiling() and traced.update(
+        loss=True) or real(logits, y))
+    compiled = Trainer(config(init_dir, prepared, tmp_path / "compiled", compile=True, **common)).train()
+    assert traced["loss"]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    a, b = weights(eager.last_checkpoint), weights(compiled.last_checkpoint)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def lock_held_elsewhere():
+    """`hold(folder) -> process`: another process holding `folder`'s FolderLock until it is killed."""
+    holders = []
+
+    def hold(folder: Path) -> subprocess.Popen:
+        code = ("import sys, time\nfrom minigpt2.atomic import FolderLock\n"
+                "assert FolderLock(sys.argv[1]).acquire() is None\nprint('held', flush=True)\ntime.sleep(120)")
+        process = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                                   cwd=ROOT)
+        holders.append(process)
+        assert process.stdout.readline() == "held\n"
+        return process
+
+    yield hold
+    for process in holders:
+        process.kill()
+        process.wait()
+
+
+def test_a_run_in_progress_keeps_others_out_of_its_directory(init_dir, prepared, tmp_path, lock_held_elsewhere):
+    """A second train.py on an --out that a running process writes is refused (one line, exit 2, nothing touched),
+    also when both started on an empty --out and the other took the lock first, or even wrote its whole run before
+    this one began training; once the other process is gone, killed without a chance to clean up, the directory is
+    free again, and a finished run leaves no lock file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    holder = lock_held_elsewhere(out)
+    flags = ["--init", init_dir, "--data", prepared, "--out", out, "--block_size", 32, "--device", "cpu",
+             "--max_steps", 1, "--samples", 0, "--report", "false", "--progress", "false"]
+    done = run_cli(*flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"error: --out {out} is in use by another training run (process "
+                                                    f"{holder.pid}); wait for it to end, or choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+
+    late = tmp_path / "late"  # no directory yet when the trainer is set up: the lock is taken by train()
+    trainer = Trainer(config(init_dir, prepared, late, max_steps=1))
+    late.mkdir()
+    lock_held_elsewhere(late)
+    with pytest.raises(ConfigError, match="is in use by another training run"):
+        trainer.train()
+    assert [p.name for p in late.iterdir()] == [".lock"]
+
+    holder.kill()
+    holder.wait()
+    assert run_cli(*flags).returncode == 0
+    assert ".lock" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
+
+    # Set up on an empty --out, then another run writes there and ends before this one starts training.
+    slow = Trainer(config(init_dir, prepared, tmp_path / "raced", max_steps=1))
+    Trainer(config(init_dir, prepared, tmp_path / "raced", max_steps=1)).train()
+    written = tree(tmp_path / "raced")
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        slow.train()
+    assert tree(tmp_path / "raced") == written
