@@ -30,7 +30,7 @@ from minigpt2.cli import (add_flag, make_parser, parse_bool, parse_path, parse_s
 from minigpt2.errors import ConfigError
 from minigpt2.generate import TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
-from minigpt2.hub import resolve_checkpoint
+from minigpt2.hub import generation_settings_file, resolve_checkpoint
 from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
 
@@ -119,13 +119,6 @@ def settings_from_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
     return settings
 
 
-def settings_file(checkpoint: Path) -> Path:
-    """The file that the checkpoint directory's generate() defaults come from: its generation_config.json, or without
-    it, as transformers falls back to (see hub.py), its config.json."""
-    file = checkpoint / "generation_config.json"
-    return file if file.is_file() else checkpoint / "config.json"
-
-
 def explain(exc: SettingError, args: argparse.Namespace, base: GenerationConfig, source: Path) -> str:
     """A generation setting's error in the command line's terms: the flag that gave the value, else the file
     `source` that gave the checkpoint's settings `base`, else the default. (A --strategy preset sets only values that
@@ -212,7 +205,8 @@ def sample(args: argparse.Namespace) -> int:
     try:
         decode(args, model, prompt, settings)
     except SettingError as exc:
-        raise ConfigError(explain(exc, args, model.generation_config, settings_file(checkpoint))) from None
+        source = generation_settings_file(checkpoint)
+        raise ConfigError(explain(exc, args, model.generation_config, source)) from None
     return 0
 
 

@@ -47,13 +47,14 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
         saved = {k: v for k, v in read_saved_config(resumed).items() if k not in ("resume", "overwrite")}
         config = dataclass_from_flags(TrainConfig, args, {**saved, **from_file})
     # A preset only shapes a new random model; anywhere else it would be ignored without a word.
-    if args.model_preset is not None and config.init != "scratch":
+    if args.model_preset is not None and resumed is not None:
+        shape = saved["model_preset"] if saved["init"] == "scratch" else f"the model it started from ({saved['init']})"
+        if preset_key(args.model_preset) != preset_key(shape):  # the resume hint repeats the run's own preset
+            parser.error(f"--model_preset {args.model_preset}: the run resumed from {resumed} has the shape of "
+                         f"{shape}, which its checkpoint keeps; drop --model_preset")
+    elif args.model_preset is not None and config.init != "scratch":
         parser.error(f"--model_preset shapes a new model (--init scratch); --init {config.init} loads a model that "
                      "has its own shape: drop --model_preset, or use --init scratch")
-    if args.model_preset is not None and resumed is not None and \
-            preset_key(args.model_preset) != preset_key(saved["model_preset"]):  # the resume hint repeats its own
-        parser.error(f"--model_preset {args.model_preset}: the run resumed from {resumed} has the shape of "
-                     f"{saved['model_preset']}, which its checkpoint keeps; drop --model_preset")
     return config
 
 
@@ -111,22 +112,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = Path(config.out) / "train_config.json"
         print(f"settings (written to {where} when training starts):\n{config.describe()}", flush=True)
 
-    from minigpt2 import GPT
     from minigpt2.trainer import Trainer
 
     trainer = Trainer(config)
     try:
-        result = trainer.train()
+        with trainer.out_locked():  # through the samples and the report too: they are files of the run
+            result = trainer.train()
+            return finish(config, trainer, result, list(sys.argv[1:] if argv is None else argv), main_process)
     finally:
         trainer.close()
+
+
+def resume_command(given: list[str]) -> list[str]:
+    """The flags that continue this run: the same ones, with --resume auto (a checkpoint of another run that it was
+    started from would be refused now: the run has files of its own)."""
+    flags = list(given)
+    for i, flag in enumerate(flags):
+        if flag == "--resume" and i + 1 < len(flags):
+            flags[i + 1] = "auto"
+            return flags
+        if flag.startswith("--resume="):
+            flags[i] = "--resume=auto"
+            return flags
+    return [*flags, "--resume", "auto"]
+
+
+def finish(config: TrainConfig, trainer, result, given: list[str], main_process: bool) -> int:
+    """Say how the run ended and where its model is; sample from it and write the before/after report."""
+    from minigpt2 import GPT
+
     if not main_process:
         return 0
     if result.stopped_by in EXIT_CODES:
-        given = list(sys.argv[1:] if argv is None else argv)
-        if "--resume" not in given:
-            given += ["--resume", "auto"]
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.last_checkpoint}."
-              f"\nResume with: python train.py {shlex.join(given)}", flush=True)
+              f"\nResume with: python train.py {shlex.join(resume_command(given))}", flush=True)
         return EXIT_CODES[result.stopped_by]
     best = (f"best validation loss {result.best_val_loss:.4f} at {result.best_checkpoint}"
             if result.best_val_loss is not None else "no evaluation")

@@ -51,7 +51,7 @@ python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 failed=0
 for part in "${parts[@]}"; do
     case "$part" in
-        tests) run tests "$(left 120)" python3 -m pytest -q -p no:cacheprovider --durations=5 "${xdist[@]}" \
+        tests) run tests "$(left 120)" python3 -m pytest -q -p no:cacheprovider --durations=5 ${xdist[@]+"${xdist[@]}"} \
                    tests/test_kernels.py tests/test_decode_step.py || failed=$((failed + 1)) ;;
         attention) run attention "$(left 120)" python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
         train) run train "$(left 570)" python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \

@@ -153,13 +153,19 @@ def _read_json(file: Path) -> dict:
     return data
 
 
-def _read_generation_config(directory: Path, hf_config: dict) -> GenerationConfig:
-    """The checkpoint's generate() defaults: its generation_config.json, or, as transformers falls back to when the
-    file is missing, the generation settings of its config.json."""
+def generation_settings_file(directory: Path) -> Path:
+    """The file a checkpoint directory's generate() defaults come from: its generation_config.json, or, as
+    transformers falls back to when that is missing, its config.json."""
     file = directory / "generation_config.json"
-    if file.is_file():
+    return file if file.is_file() else directory / "config.json"
+
+
+def _read_generation_config(directory: Path, hf_config: dict) -> GenerationConfig:
+    """The checkpoint's generate() defaults, from `generation_settings_file`."""
+    file = generation_settings_file(directory)
+    if file.name == "generation_config.json":
         return GenerationConfig.from_hub_dict(_read_json(file), source=str(file))
-    return GenerationConfig.from_model_config(hf_config, source=str(directory / "config.json"))
+    return GenerationConfig.from_model_config(hf_config, source=str(file))
 
 
 def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) -> GPT:
@@ -220,7 +226,8 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
     starts from config.json, so an empty directory whose save is killed during those few renames is refused, not
     loaded incomplete; over an earlier checkpoint, those renames are the only moment that can mix two saves. Files
     of the checkpoint format that this save does not write, such as an earlier save's shards and their index, are
-    deleted once the new files are in place; other files (a README, a tokenizer's) stay.
+    deleted once the new files are in place; other files (a README, a tokenizer's) stay. Only a save killed outright
+    (SIGKILL, a power cut) leaves something behind: its hidden `.tmp-...` staging folder, safe to delete.
     """
     out = Path(directory)
     if out.exists() and not out.is_dir():

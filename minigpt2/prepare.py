@@ -401,11 +401,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_flag(parser, "quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     if args.input is None:
-        from .pydocs import build_pydocs  # pydocs itself prepares through this module
+        from .pydocs import DOCUMENTS_FILE, build_pydocs  # pydocs itself prepares through this module
 
-        out = args.out or "data/pydocs"
+        given = [name for name in INPUT_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"--{given[0]} applies to an INPUT file; without INPUT the bundled corpus is built, "
+                              "which reads none: leave it out")
+        out = Path(args.out or "data/pydocs")
+        prepared = _prepared_from(out)
+        if not args.overwrite and prepared and Path(prepared[0]).resolve() == (out / DOCUMENTS_FILE).resolve():
+            # Built from this Python's standard library, it would come out byte for byte the same: nothing to do.
+            print(f"the bundled corpus is already built in {out} ({prepared[1]:,} tokens); pass --overwrite to "
+                  "build it again", file=sys.stderr)
+            return 0
         if not args.overwrite:
-            _refuse_to_replace(Path(out))
+            _refuse_to_replace(out)
         build_pydocs(out, progress=not args.quiet)
         return 0
     if args.out is None:
@@ -442,15 +452,25 @@ def _refuse_to_replace(out: Path) -> None:
     found = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]  # a dangling link would be replaced too
     if not found:
         return
-    try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        what = f"a prepared dataset (from {meta['source']['path']}, {meta['counts']['tokens']:,} tokens)"
+    prepared = _prepared_from(out)
+    if prepared is not None:
+        what = f"a prepared dataset (from {prepared[0]}, {prepared[1]:,} tokens)"
         them = "it"
-    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not our meta.json
+    else:
         what = f"{', '.join(found)} (an incomplete prepared dataset, or files of the same names)"
         them = "them"
     raise ConfigError(f"--out {out} already holds {what}; pass --overwrite to replace {them}, or choose another "
                       "--out")
+
+
+def _prepared_from(out: Path) -> tuple[str, int] | None:
+    """(source path, token count) of the dataset prepared in `out`, from its meta.json; None if there is none (or
+    the file is not ours)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        return str(meta["source"]["path"]), int(meta["counts"]["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not our meta.json
+        return None
 
 
 def cli() -> None:

@@ -76,7 +76,8 @@ class TrainConfig:
     attn_impl: str = field(default="sdpa", metadata={"help": "attention: sdpa (torch's fused kernels), triton "
                            "(kernels/, CUDA; attention dropout must be 0), auto (triton on a CUDA GPU when "
                            "installed, for bf16/fp16) or naive (the explicit formula)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model and the loss as one "
+                                                  "graph (with DDP, the model alone): a slow start, faster steps"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                          "pass: less memory, about a third more compute"})
     # Evaluation, checkpoints, stopping.

@@ -371,10 +371,11 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Train until max_steps (or until `stop_after` steps, keeping the schedule of max_steps); checkpoint.
 
-        Returns what happened; raises TrainingError if updates stayed non-finite for max_bad_steps in a row.
+        Returns what happened; raises TrainingError if updates stayed non-finite for max_bad_steps in a row, and
+        ConfigError if another run is writing --out, or wrote a run there after this one was set up.
         """
         until = self.config.max_steps if stop_after is None else min(stop_after, self.config.max_steps)
-        with self._out_locked():
+        with self.out_locked():
             return self._train_until(until)
 
     def _train_until(self, until: int) -> TrainResult:
@@ -569,9 +570,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- files
     @contextlib.contextmanager
-    def _out_locked(self) -> Iterator[None]:
-        """Create the output directory and hold its lock while the main process writes there."""
-        if not self.dist.is_main:
+    def out_locked(self) -> Iterator[None]:
+        """Create the output directory and hold its lock for the block (in the main process), so that no other run
+        writes there meanwhile. train() holds it by itself; a caller that writes more files of the run afterwards
+        (train.py's samples and report) holds it around both."""
+        if not self.dist.is_main or self.out_lock.held:
             yield
             return
         try:
@@ -587,16 +590,24 @@ class Trainer:
 
     def _lock_out(self) -> None:
         """Take --out's lock, or say which run holds it: two runs writing one directory would mix their files."""
-        holder = self.out_lock.acquire()
+        try:
+            holder = self.out_lock.acquire()
+        except OSError as exc:  # e.g. another user's run, killed, left its lock file
+            raise ConfigError(f"--out {self.out}: cannot lock it through {self.out_lock.path} ({exc.strerror}); "
+                              "remove that file if no run is writing there, or choose another --out") from None
         if holder is not None:
             which = f" (process {holder})" if holder else ""
             raise ConfigError(f"--out {self.out} is in use by another training run{which}; wait for it to end, or "
                               "choose another --out")
 
+    def _finds_another_run(self) -> bool:
+        """Whether --out holds another run's files that this run would mix with or replace unasked."""
+        return not self.config.overwrite and not self._continues_out and bool(previous_run(self.out))
+
     def _check_no_other_run(self) -> None:
-        """ConfigError if --out holds another run's files that this run would mix with or replace unasked."""
+        """ConfigError if --out holds another run's files (see _finds_another_run), saying how to go on."""
         config = self.config
-        if config.overwrite or self._continues_out or not previous_run(self.out):
+        if not self._finds_another_run():
             return
         if config.resume == "auto":
             raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
@@ -615,8 +626,9 @@ class Trainer:
         """
         set_aside = None
         if self.dist.is_main:
-            if not self._files_started:  # again, under the lock: another run may have written there since set-up
-                self._check_no_other_run()
+            if not self._files_started and self._finds_another_run():  # checked again, now under the lock
+                raise ConfigError(f"another training run wrote into {self.out} after this one was set up; choose "
+                                  "another --out, or start this one again to see how to go on there")
             ckpt.remove_stale_temporaries(self.out)
             replacing = self.config.overwrite and not self._continues_out and not self._files_started
             old = previous_run(self.out) if replacing else []

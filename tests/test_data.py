@@ -561,6 +561,21 @@ def test_cli_refuses_to_replace_a_prepared_dataset(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_cli_without_input_leaves_a_built_corpus_and_refuses_reading_options(tmp_path, capsys):
+    """`prepare` without INPUT over a corpus it built there before says so and does nothing (the same Python would
+    build the same bytes); options for reading an INPUT are refused there, as they would be ignored."""
+    out = tmp_path / "pydocs"
+    write(out / "pydocs.jsonl", '{"text": "def f():\\n    return 1"}\n{"text": "class A:\\n    pass"}\n')
+    tokens = prepare_dataset(out / "pydocs.jsonl", out, progress=False)["counts"]["tokens"]
+    before = snapshot(tmp_path)
+    assert run_cli(["--out", out], capsys) == (
+        0, f"the bundled corpus is already built in {out} ({tokens:,} tokens); pass --overwrite to build it again\n")
+    assert run_cli(["--out", out, "--separator", "|"], capsys) == (
+        2, "error: --separator applies to an INPUT file; without INPUT the bundled corpus is built, which reads none: "
+           "leave it out\n")
+    assert snapshot(tmp_path) == before
+
+
 def test_cli_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path, capsys):
     """A folder of the user's files gets the dataset beside them; --overwrite replaces only the dataset's files."""
     out = tmp_path / "out"

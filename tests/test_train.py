@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt2 import GPT
+from minigpt2 import GPT, atomic
 from minigpt2 import checkpoint as ckpt
 from minigpt2 import trainer as trainer_module
 from minigpt2.errors import ConfigError
@@ -530,9 +530,10 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert not (tmp_path / "new").exists()
 
 
-def test_cli_resume_keeps_the_checkpoints_shape(prepared, tmp_path):
+def test_cli_resume_keeps_the_checkpoints_shape(init_dir, prepared, tmp_path):
     """Resuming a scratch run: its own preset (as the resume hint repeats it, in either spelling) is accepted,
-    another is refused rather than ignored."""
+    another is refused rather than ignored; so is any preset for a run that started from a loaded model, even with
+    --init scratch given."""
     out = tmp_path / "run"
     Trainer(TrainConfig(init="scratch", model_preset="tiny", data=str(prepared), out=str(out), max_steps=1,
                         batch_size=2, block_size=32, eval_interval=0, device="cpu", progress=False, samples=0,
@@ -546,6 +547,23 @@ def test_cli_resume_keeps_the_checkpoints_shape(prepared, tmp_path):
     assert tree(out) == before
     done = run_cli(*resume, "--model_preset", "openai-community/tiny")
     assert done.returncode == 0, done.stderr
+
+    loaded = Trainer(config(init_dir, prepared, tmp_path / "loaded", max_steps=1)).train().last_checkpoint
+    done = run_cli("--init", "scratch", "--model_preset", "tiny", "--resume", loaded, "--out", tmp_path / "new",
+                   "--device", "cpu")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"train.py: error: --model_preset tiny: the run resumed from {loaded} has the shape of the model it started "
+        f"from ({init_dir}), which its checkpoint keeps; drop --model_preset (see --help)"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_resume_hint_continues_the_run_in_its_own_directory():
+    """A run started from another directory's checkpoint has checkpoints of its own once stopped: the hint resumes
+    those (--resume auto), whichever way --resume was spelled."""
+    assert train.resume_command(["--out", "b", "--resume", "a/checkpoint-0000005", "--lr", "1e-3"]) == \
+        ["--out", "b", "--resume", "auto", "--lr", "1e-3"]
+    assert train.resume_command(["--resume=a/checkpoint-0000005", "--out", "b"]) == ["--resume=auto", "--out", "b"]
+    assert train.resume_command(["--out", "b"]) == ["--out", "b", "--resume", "auto"]
 
 
 def test_cli_hub_unreachable_names_the_offline_options(tmp_path):
@@ -686,6 +704,7 @@ def lock_held_elsewhere():
         process.wait()
 
 
+@pytest.mark.skipif(atomic.fcntl is None, reason="folders are not locked without fcntl (Windows)")
 def test_a_run_in_progress_keeps_others_out_of_its_directory(init_dir, prepared, tmp_path, lock_held_elsewhere):
     """A second train.py on an --out that a running process writes is refused (one line, exit 2, nothing touched),
     also when both started on an empty --out and the other took the lock first, or even wrote its whole run before
@@ -720,6 +739,15 @@ def test_a_run_in_progress_keeps_others_out_of_its_directory(init_dir, prepared,
     slow = Trainer(config(init_dir, prepared, tmp_path / "raced", max_steps=1))
     Trainer(config(init_dir, prepared, tmp_path / "raced", max_steps=1)).train()
     written = tree(tmp_path / "raced")
-    with pytest.raises(ConfigError, match="already holds a training run"):
+    with pytest.raises(ConfigError, match="another training run wrote into .* after this one was set up"):
         slow.train()
     assert tree(tmp_path / "raced") == written
+
+    # A caller that writes more files of the run after train() (train.py: samples, the report) keeps the lock.
+    trainer = Trainer(config(init_dir, prepared, tmp_path / "held", max_steps=1))
+    lock = atomic.FolderLock(tmp_path / "held")
+    with trainer.out_locked():
+        trainer.train()
+        assert lock.acquire() == os.getpid()  # another opener is refused, even in this process
+    assert lock.acquire() is None
+    lock.release()
