@@ -26,5 +26,14 @@ class PrepareOptionError(DataError):
         self.option = option
 
 
+class OutputFolderError(DataError):
+    """Data preparation cannot write its output folder. The message's fix is prepare's flag, --out; a caller that
+    prepares into a folder of its own choosing (train.py's cache of a text file) says its own fix after `reason`."""
+
+    def __init__(self, reason: str, fix: str = "choose another --out") -> None:
+        super().__init__(f"{reason}; {fix}")
+        self.reason = reason
+
+
 class ConfigError(MiniGPT2Error, ValueError):
     """A setting (flag, config field, generation argument) has an invalid value."""

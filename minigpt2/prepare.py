@@ -46,7 +46,7 @@ from .atomic import removed_if_failed
 from .cleaning import Cleaner, CleaningOptions, Deduplicator
 from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, parse_path, run_main
 from .dataset import FORMAT, PREPARED_FILES, TOKEN_DTYPE, PreparedDataset, is_prepared
-from .errors import ConfigError, DataError, PrepareOptionError
+from .errors import ConfigError, DataError, OutputFolderError, PrepareOptionError
 from .sources import ERROR_MODES, Source
 from .tokenizer import RANKS_SHA256, Tokenizer
 
@@ -267,27 +267,27 @@ class _Staging:
     def __enter__(self) -> Path:
         out = self.out
         if out.exists() and not out.is_dir():
-            raise DataError(f"output {out} is a file; --out must be a folder (created if missing)")
+            raise OutputFolderError(f"output {out} is a file", "--out must be a folder (created if missing)")
         existing = out.absolute()
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise DataError(f"cannot create output folder {out}: {existing} is a file, not a folder; choose another "
-                            "--out")
+            raise OutputFolderError(f"cannot create output folder {out}: {existing} is a file, not a folder")
         if out.exists() and not os.access(out, os.W_OK):
-            raise DataError(f"cannot write to output folder {out} (permission denied); choose another --out")
+            raise OutputFolderError(f"cannot write to output folder {out} (permission denied)")
         parent = out.absolute().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".partial", dir=parent))
         except OSError as exc:
-            raise DataError(f"cannot write to {parent} ({exc.strerror}); choose another --out") from None
+            raise OutputFolderError(f"cannot write to {parent} ({exc.strerror})") from None
         return self.path
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
-            raise DataError(f"writing {self.out} failed: {exc.strerror}; free space or choose another --out") from None
+            raise OutputFolderError(f"writing {self.out} failed: {exc.strerror}", "free space or choose another "
+                                    "--out") from None
 
 
 def _commit(scratch: Path, out: Path) -> None:

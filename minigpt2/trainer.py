@@ -55,7 +55,7 @@ from .atomic import FolderLock, write_atomically
 from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
-from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, PrepareOptionError
+from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError
 from .loss import lm_loss
 from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
@@ -272,6 +272,10 @@ class Trainer:
                         raise DataError(f"{exc} ({exc.option} is an option of data/prepare.py: run `python "
                                         f"data/prepare.py {cfg.data} --out DIR {exc.option} ...`, then train with "
                                         "--data DIR)") from None
+                    except OutputFolderError as exc:  # its fix names prepare's --out, not this command's
+                        raise DataError(f"--data {cfg.data}: {exc.reason}, where train.py keeps its prepared copy; "
+                                        f"run `python data/prepare.py {cfg.data} --out DIR` with a folder you can "
+                                        "write, then train with --data DIR") from None
                 else:
                     from .pydocs import default_corpus
 

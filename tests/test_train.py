@@ -751,3 +751,28 @@ def test_a_run_in_progress_keeps_others_out_of_its_directory(init_dir, prepared,
         assert lock.acquire() == os.getpid()  # another opener is refused, even in this process
     assert lock.acquire() is None
     lock.release()
+
+
+def test_a_text_file_on_read_only_media_says_to_prepare_it_elsewhere(init_dir, tmp_path, monkeypatch):
+    """train.py --data FILE prepares FILE into a cache beside it; where that cannot be written, the fix is
+    prepare.py's --out, not train.py's (whose --out is the run's)."""
+    import errno
+
+    from minigpt2 import prepare as prepare_module
+    from minigpt2.errors import DataError
+
+    text = tmp_path / "media" / "notes.txt"
+    text.parent.mkdir()
+    text.write_text("\n\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(prepare_module.tempfile, "mkdtemp", read_only)
+    with pytest.raises(DataError) as caught:
+        Trainer(config(init_dir, text, tmp_path / "run"))
+    assert str(caught.value) == (
+        f"--data {text}: cannot write to {text.parent / '.prepared'} (Read-only file system), where train.py keeps "
+        f"its prepared copy; run `python data/prepare.py {text} --out DIR` with a folder you can write, then train "
+        "with --data DIR")
+    assert not (tmp_path / "run").exists()
