@@ -400,27 +400,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_flag(parser, "workers", type=int, metavar="N", help="tokeniser threads (default: all cores)")
     add_flag(parser, "quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
+    reading = {name: getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name) is not None}
     if args.input is None:
         from .pydocs import DOCUMENTS_FILE, build_pydocs  # pydocs itself prepares through this module
 
-        given = [name for name in INPUT_OPTIONS if getattr(args, name) is not None]
-        if given:
-            raise ConfigError(f"--{given[0]} applies to an INPUT file; without INPUT the bundled corpus is built, "
-                              "which reads none: leave it out")
+        if reading:
+            raise ConfigError(f"--{next(iter(reading))} applies to an INPUT file; without INPUT the bundled corpus "
+                              "is built, which reads none: leave it out")
         out = Path(args.out or "data/pydocs")
-        prepared = _prepared_from(out)
-        if not args.overwrite and prepared and Path(prepared[0]).resolve() == (out / DOCUMENTS_FILE).resolve():
-            # Built from this Python's standard library, it would come out byte for byte the same: nothing to do.
-            print(f"the bundled corpus is already built in {out} ({prepared[1]:,} tokens); pass --overwrite to "
-                  "build it again", file=sys.stderr)
-            return 0
         if not args.overwrite:
+            prepared = _prepared_from(out)
+            if prepared and Path(prepared[0]).resolve() == (out / DOCUMENTS_FILE).resolve():
+                # Built from this Python's standard library, it would come out byte for byte the same: nothing to do.
+                print(f"the bundled corpus is already built in {out} ({prepared[1]:,} tokens); pass --overwrite to "
+                      "build it again", file=sys.stderr)
+                return 0
             _refuse_to_replace(out)
         build_pydocs(out, progress=not args.quiet)
         return 0
     if args.out is None:
         parser.error("--out DIR is required with an INPUT")
-    reading = {name: getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name) is not None}
     _check_input_options(Path(args.input), reading)
     if not args.overwrite:
         _refuse_to_replace(Path(args.out))
