@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import dataclasses
 import inspect
 import json
 import os
@@ -52,6 +53,7 @@ from .tokenizer import RANKS_SHA256, Tokenizer
 
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json")  # moved into place in this order: meta.json last
 # The reading options that only some inputs read (by file suffix; a folder's files are read whole, so none).
+SPLIT_OPTIONS = ("val_fraction", "seed", "errors")  # prepare_dataset's options besides reading and cleaning
 INPUT_OPTIONS = {"text_field": (".jsonl", ".json"), "csv_column": (".csv",), "separator": (".txt",)}
 BATCH_CHARS = 1 << 20  # text per tokenisation batch: big enough to amortise thread hand-offs, small in memory
 SPLIT_CHUNK = 1 << 24  # tokens copied per step when splitting the scratch file
@@ -391,42 +393,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_flag(parser, "csv_column", metavar="NAME", help="CSV column holding the text (.csv input; default: text)")
     add_flag(parser, "separator", metavar="TEXT",
              help="split a .txt file into documents at this text (default: at blank lines)")
-    add_flag(parser, "val_fraction", type=float, default=0.1, metavar="F", help="share of documents for validation")
-    add_flag(parser, "seed", type=int, default=1337, help="seed of the train/val split")
-    add_flag(parser, "errors", choices=ERROR_MODES, default="strict",
-             help="invalid UTF-8: stop with an error (strict) or substitute U+FFFD (replace)")
+    # No defaults here either: prepare_dataset's (or the bundled corpus's) apply, and the bundled corpus already
+    # built is left as it is only if the flags given agree with how it was built.
+    add_flag(parser, "val_fraction", type=float, metavar="F", help="share of documents for validation (default: 0.1)")
+    add_flag(parser, "seed", type=int, help="seed of the train/val split (default: 1337)")
+    add_flag(parser, "errors", choices=ERROR_MODES,
+             help="invalid UTF-8: stop with an error (strict, the default) or substitute U+FFFD (replace)")
     add_dataclass_flags(parser, CleaningOptions)
     add_flag(parser, "block_size", type=int, metavar="N", help="fail unless each split holds a window of N+1 tokens")
     add_flag(parser, "workers", type=int, metavar="N", help="tokeniser threads (default: all cores)")
     add_flag(parser, "quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     reading = {name: getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name) is not None}
+    settings = [*SPLIT_OPTIONS, *(f.name for f in dataclasses.fields(CleaningOptions))]
+    options = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
+    checks = {"block_size": args.block_size, "workers": args.workers, "progress": not args.quiet}
     if args.input is None:
-        from .pydocs import DOCUMENTS_FILE, build_pydocs  # pydocs itself prepares through this module
-
         if reading:
             raise ConfigError(f"--{next(iter(reading))} applies to an INPUT file; without INPUT the bundled corpus "
                               "is built, which reads none: leave it out")
-        out = Path(args.out or "data/pydocs")
-        if not args.overwrite:
-            prepared = _prepared_from(out)
-            if prepared and Path(prepared[0]).resolve() == (out / DOCUMENTS_FILE).resolve():
-                # Built from this Python's standard library, it would come out byte for byte the same: nothing to do.
-                print(f"the bundled corpus is already built in {out} ({prepared[1]:,} tokens); pass --overwrite to "
-                      "build it again", file=sys.stderr)
-                return 0
-            _refuse_to_replace(out)
-        build_pydocs(out, progress=not args.quiet)
-        return 0
+        return _build_bundled_corpus(Path(args.out or "data/pydocs"), options, checks, args.overwrite)
     if args.out is None:
         parser.error("--out DIR is required with an INPUT")
     _check_input_options(Path(args.input), reading)
     if not args.overwrite:
         _refuse_to_replace(Path(args.out))
-    prepare_dataset(args.input, args.out, **reading, val_fraction=args.val_fraction, seed=args.seed,
-                    errors=args.errors, block_size=args.block_size, workers=args.workers, progress=not args.quiet,
-                    **dataclass_from_flags(CleaningOptions, args).to_dict())
+    prepare_dataset(args.input, args.out, **reading, **options, **checks)
     return 0
+
+
+def _build_bundled_corpus(out: Path, options: dict[str, Any], checks: dict[str, Any], overwrite: bool) -> int:
+    """The command without INPUT: build the pydocs corpus into `out`, unless it is already built there as asked."""
+    from .pydocs import CORPUS_OPTIONS, DOCUMENTS_FILE, build_pydocs  # pydocs itself prepares through this module
+
+    meta = _prepared_meta(out)
+    if not overwrite and meta and Path(meta["source"]["path"]).resolve() == (out / DOCUMENTS_FILE).resolve():
+        # Built from this Python's standard library with the same options, it would come out byte for byte the same;
+        # options left out mean their defaults.
+        built = meta["options"]
+        wanted = {**_prepare_defaults(), **CORPUS_OPTIONS, **options}
+        changed = [name for name in built if name in wanted and built[name] != wanted[name]]
+        if changed:
+            was, asked = (" ".join(f"--{name} {_flag_text(values[name])}" for name in changed)
+                          for values in (built, wanted))
+            raise ConfigError(f"--out {out} holds the bundled corpus built with {was}, not {asked}; pass --overwrite "
+                              f"to build it again with {asked}")
+        if checks["block_size"] is not None:
+            counts = meta["counts"]
+            _check_block_size(min(counts["train_tokens"], counts["val_tokens"]), checks["block_size"], out,
+                              built["val_fraction"])
+        print(f"the bundled corpus is already built in {out} ({meta['counts']['tokens']:,} tokens); pass "
+              "--overwrite to build it again", file=sys.stderr)
+        return 0
+    if not overwrite:
+        _refuse_to_replace(out)
+    build_pydocs(out, **options, **checks)
+    return 0
+
+
+def _flag_text(value: Any) -> str:
+    """A setting as it is written on the command line (booleans as true/false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _check_input_options(source: Path, given: Iterable[str]) -> None:
@@ -451,9 +478,9 @@ def _refuse_to_replace(out: Path) -> None:
     found = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]  # a dangling link would be replaced too
     if not found:
         return
-    prepared = _prepared_from(out)
-    if prepared is not None:
-        what = f"a prepared dataset (from {prepared[0]}, {prepared[1]:,} tokens)"
+    meta = _prepared_meta(out)
+    if meta is not None:
+        what = f"a prepared dataset (from {meta['source']['path']}, {meta['counts']['tokens']:,} tokens)"
         them = "it"
     else:
         what = f"{', '.join(found)} (an incomplete prepared dataset, or files of the same names)"
@@ -462,14 +489,13 @@ def _refuse_to_replace(out: Path) -> None:
                       "--out")
 
 
-def _prepared_from(out: Path) -> tuple[str, int] | None:
-    """(source path, token count) of the dataset prepared in `out`, from its meta.json; None if there is none (or
-    the file is not ours)."""
+def _prepared_meta(out: Path) -> dict[str, Any] | None:
+    """The meta.json of the dataset prepared in `out`; None if there is none (or the file is not ours)."""
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        return str(meta["source"]["path"]), int(meta["counts"]["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not our meta.json
+    except (OSError, ValueError):  # missing or unreadable
         return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def cli() -> None:

@@ -39,6 +39,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -50,6 +51,8 @@ from .prepare import prepare_dataset
 DOCUMENTS_FILE = "pydocs.jsonl"
 SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "turtledemo",
                              "__pycache__"})
+# HTML stripping is off: docstrings about markup, and doctests' `<BLANKLINE>`, are text here.
+CORPUS_OPTIONS = {"strip_html": False}
 Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 
 
@@ -143,11 +146,12 @@ def write_documents(path: str | os.PathLike[str], *, progress: bool = True) -> i
     return count
 
 
-def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True) -> Path:
+def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True, **options: Any) -> Path:
     """Build the corpus from the running Python's standard library and prepare it into `out_dir`.
 
     Writes `out_dir`/pydocs.jsonl (the documents, for reading) and the prepared train.bin, val.bin and meta.json.
-    HTML stripping is off: docstrings about markup, and doctests' `<BLANKLINE>`, are text here.
+    `options` are prepare_dataset's keywords (the split, the cleaning steps, block_size, workers); those not given
+    are prepare_dataset's defaults, except CORPUS_OPTIONS.
     """
     out = Path(out_dir)
     try:
@@ -155,7 +159,7 @@ def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True) -> P
     except OSError as exc:  # a file of that name, or a folder we may not write to
         raise DataError(f"cannot create output folder {out} ({exc.strerror}); choose another --out") from None
     write_documents(out / DOCUMENTS_FILE, progress=progress)
-    prepare_dataset(out / DOCUMENTS_FILE, out, strip_html=False, progress=progress)
+    prepare_dataset(out / DOCUMENTS_FILE, out, **{**CORPUS_OPTIONS, **options}, progress=progress)
     return out
 
 

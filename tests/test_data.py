@@ -566,7 +566,7 @@ def test_cli_without_input_leaves_a_built_corpus_and_refuses_reading_options(tmp
     build the same bytes); options for reading an INPUT are refused there, as they would be ignored."""
     out = tmp_path / "pydocs"
     write(out / "pydocs.jsonl", '{"text": "def f():\\n    return 1"}\n{"text": "class A:\\n    pass"}\n')
-    tokens = prepare_dataset(out / "pydocs.jsonl", out, progress=False)["counts"]["tokens"]
+    tokens = prepare_dataset(out / "pydocs.jsonl", out, strip_html=False, progress=False)["counts"]["tokens"]
     before = snapshot(tmp_path)
     assert run_cli(["--out", out], capsys) == (
         0, f"the bundled corpus is already built in {out} ({tokens:,} tokens); pass --overwrite to build it again\n")
@@ -574,6 +574,33 @@ def test_cli_without_input_leaves_a_built_corpus_and_refuses_reading_options(tmp
         2, "error: --separator applies to an INPUT file; without INPUT the bundled corpus is built, which reads none: "
            "leave it out\n")
     assert snapshot(tmp_path) == before
+
+
+def test_cli_without_input_builds_the_corpus_with_the_options_given(tmp_path, capsys):
+    """The split and cleaning flags reach the bundled corpus's preparation (they used to be ignored without INPUT);
+    a corpus built with other options than those asked is refused without --overwrite, not reported as built."""
+    out, same = tmp_path / "pydocs", tmp_path / "same"
+    flags = ["--val_fraction", "0.2", "--seed", "7", "--dedup", "false"]
+    assert run_cli(["--out", out, *flags, "--quiet"], capsys) == (0, "")
+    built = PreparedDataset(out).meta["options"]
+    assert (built["val_fraction"], built["seed"], built["dedup"], built["strip_html"]) == (0.2, 7, False, False)
+    # The same documents prepared by the library with those options: the same token files.
+    prepare_dataset(out / "pydocs.jsonl", same, val_fraction=0.2, seed=7, dedup=False, strip_html=False,
+                    progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert (out / name).read_bytes() == (same / name).read_bytes()
+
+    before = snapshot(out)
+    assert run_cli(["--out", out, "--seed", "7"], capsys) == (
+        2, f"error: --out {out} holds the bundled corpus built with --val_fraction 0.2 --dedup false, not "
+           "--val_fraction 0.1 --dedup true; pass --overwrite to build it again with --val_fraction 0.1 --dedup "
+           "true\n")
+    code, err = run_cli(["--out", out, *flags, "--block_size", "100000000"], capsys)
+    assert code == 2 and "too small for block_size 100000000" in err
+    tokens = PreparedDataset(out).meta["counts"]["tokens"]
+    assert run_cli(["--out", out, "--dedup", "false", "--val-fraction", "0.2", "--seed", "7"], capsys) == (
+        0, f"the bundled corpus is already built in {out} ({tokens:,} tokens); pass --overwrite to build it again\n")
+    assert snapshot(out) == before
 
 
 def test_cli_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path, capsys):
