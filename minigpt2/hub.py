@@ -229,11 +229,22 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
     deleted once the new files are in place; other files (a README, a tokenizer's) stay. Only a save killed outright
     (SIGKILL, a power cut) leaves something behind: its hidden `.tmp-...` staging folder, safe to delete.
     """
-    out = Path(directory)
+    _write_checkpoint(Path(directory), _checkpoint_files(model))
+
+
+def copy_checkpoint(source: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
+    """Copy the checkpoint saved in `source` (by save_pretrained) to `directory`, replacing its files as a set as
+    save_pretrained does: a copy that fails leaves `directory` as it was."""
+    names = ("model.safetensors", "generation_config.json", "config.json")  # save_pretrained's files, in its order
+    files = {name: lambda path, name=name: shutil.copyfile(Path(source) / name, path) for name in names}
+    _write_checkpoint(Path(directory), files)
+
+
+def _write_checkpoint(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
+    """Write `files` (name -> how to write it into a path) as the checkpoint in `out` (see save_pretrained)."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: is a file, but a checkpoint is a directory; pass the path of a directory (it "
                               "is created if missing)")
-    files = _checkpoint_files(model)
     if out.exists():
         _replace_files(out, files)
     else:

@@ -56,6 +56,7 @@ from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError
+from .hub import copy_checkpoint
 from .loss import lm_loss
 from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
@@ -69,7 +70,6 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "pydocs"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png", "config.json", "model.safetensors",
              "generation_config.json", "report.html", "report.md")
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
 
 
 class TrainingError(MiniGPT2Error):
@@ -565,8 +565,7 @@ class Trainer:
         best = self._checkpoint_path(self.best_step) or self._checkpoint_path(self.last_saved_step)
         if best is None or not self.dist.is_main:
             return self.out if best is not None else None
-        for name in MODEL_FILES:
-            write_atomically(self.out / name, lambda staging, name=name: shutil.copyfile(best / name, staging))
+        copy_checkpoint(best, self.out)
         return self.out
 
     def _checkpoint_path(self, step: int | None) -> Path | None:

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt2 import GPT, CheckpointError, GPTConfig
 from minigpt2.checkpoint import save_checkpoint
-from minigpt2.hub import CHECKPOINT_FILES, TRANSPOSED
+from minigpt2.hub import CHECKPOINT_FILES, TRANSPOSED, copy_checkpoint
 
 
 def logits_of(model, seed=0, T=24):
@@ -290,6 +290,27 @@ def test_save_over_a_sharded_checkpoint_removes_its_shards(sharded_dir):
         theirs = GPT2LMHeadModel.from_pretrained(sharded_dir).eval()(x).logits
     torch.testing.assert_close(theirs, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
     assert torch.equal(logits_of(GPT.from_pretrained(sharded_dir))[1], logits)
+
+
+def test_copy_checkpoint_replaces_the_files_as_a_set(sharded_dir, tmp_path):
+    """How the trainer exports its best checkpoint to --out: the copy replaces an earlier checkpoint there as
+    save_pretrained would (its shards go, a user's file stays), and one that fails part-way changes nothing."""
+    source = tmp_path / "best"
+    small_gpt(1).save_pretrained(source)
+    (sharded_dir / "README.md").write_text("my notes\n")
+    copy_checkpoint(source, sharded_dir)
+    assert files_in(sharded_dir) == {**files_in(source), "README.md": b"my notes\n"}
+    x, logits = logits_of(small_gpt(1))
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(sharded_dir).eval()(x).logits
+    torch.testing.assert_close(theirs, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+
+    small_gpt(2).save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").unlink()  # the copy fails at its last file, after the weights
+    before = files_in(sharded_dir)
+    with pytest.raises(FileNotFoundError):
+        copy_checkpoint(tmp_path / "other", sharded_dir)
+    assert files_in(sharded_dir) == before
 
 
 def test_single_file_wins_over_a_shard_index_as_in_transformers(sharded_dir, tmp_path):
