@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .atomic import removed_if_failed
 from .cleaning import Cleaner, CleaningOptions, Deduplicator
-from .cli import add_dataclass_flags, add_flag, dataclass_from_flags, make_parser, parse_path, run_main
+from .cli import add_dataclass_flags, add_flag, make_parser, parse_path, run_main
 from .dataset import FORMAT, PREPARED_FILES, TOKEN_DTYPE, PreparedDataset, is_prepared
 from .errors import ConfigError, DataError, OutputFolderError, PrepareOptionError
 from .sources import ERROR_MODES, Source

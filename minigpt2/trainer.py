@@ -31,9 +31,7 @@ several processes the flag is agreed on by all of them at every step, so they st
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -51,15 +49,16 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .atomic import FolderLock, write_atomically
 from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
+from .distributed import init_distributed
 from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError
 from .hub import copy_checkpoint
 from .loss import lm_loss
 from .model import GPT
 from .optim import AdamW, clip_factor, grad_norm, param_groups
+from .run_folder import RunFolder, check_output_dir
 from .schedule import LRSchedule
 from .train_config import TrainConfig
 from .tied_gradients import TiedGradient, is_tied
@@ -68,8 +67,6 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 # The bundled corpus is built on first use: in <repo>/data/pydocs when running from a source checkout (where
 # `python data/prepare.py` puts it too), else in ./data/pydocs.
 DEFAULT_CORPUS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "pydocs"
-RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png", "config.json", "model.safetensors",
-             "generation_config.json", "report.html", "report.md")
 
 
 class TrainingError(MiniGPT2Error):
@@ -91,44 +88,6 @@ class TrainResult:
     best_val_loss: float | None
     stopped_by: str | None
     model_dir: Path | None
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun launch (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def init_distributed(device_name: str) -> Distributed:
-    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK...).
-
-    The backend is NCCL for GPUs and gloo for CPUs. Outside torchrun this is a single process, rank 0 of 1.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -176,22 +135,6 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     return found
 
 
-def check_output_dir(out: Path) -> None:
-    """ConfigError unless `out` is, or can be made as, a directory we may write in (checked before any work)."""
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {existing} is not writable; choose another --out")
-
-
-def previous_run(out: Path) -> list[Path]:
-    """The files and checkpoints in `out` that belong to an earlier training run."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(ckpt.PREFIX))
-
-
 class Trainer:
     """Sets up a run from a TrainConfig (data, model, optimizer, resumed state) and trains it with `train()`.
 
@@ -205,19 +148,17 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank, training=True)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.out = Path(config.out)
-        self.out_lock = FolderLock(self.out)
+        self.folder = RunFolder(self.out, overwrite=config.overwrite)
         if self.dist.is_main:
             check_output_dir(self.out)
-            if self.out.is_dir():  # fail before loading anything when a run is busy there; train() takes the lock
-                self._lock_out()
-                self.out_lock.release()
+            self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         init_dir = Path(config.init)
         if self.resume_from is None and init_dir.is_dir() and init_dir.resolve() == self.out.resolve():
             raise ConfigError(f"--out {self.out} is the --init checkpoint: the run would write over the model it "
                               "starts from; choose another --out")
         # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
-        self._continues_out = self.resume_from is not None and \
+        self.folder.continues = self.resume_from is not None and \
             self.resume_from.resolve().parent == self.out.resolve()
         if self.dist.is_main:
             self._check_no_other_run()
@@ -428,7 +369,7 @@ class Trainer:
             bar.close()
         model_dir = self._export_best() if stopped_by in (None, "early stopping") else None
         if self.dist.is_main:
-            write_loss_plot(self.out / "metrics.jsonl", self.out / "loss.png", log=self._log)
+            self.folder.plot_loss(log=self._log)
         return TrainResult(self.step, self.out, self._checkpoint_path(self.last_saved_step),
                            self._checkpoint_path(self.best_step), self.best_val_loss, stopped_by, model_dir)
 
@@ -577,40 +518,13 @@ class Trainer:
         """Create the output directory and hold its lock for the block (in the main process), so that no other run
         writes there meanwhile. train() holds it by itself; a caller that writes more files of the run afterwards
         (train.py's samples and report) holds it around both."""
-        if not self.dist.is_main or self.out_lock.held:
+        with self.folder.locked() if self.dist.is_main else contextlib.nullcontext():
             yield
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {self.out}: cannot create the directory ({exc.strerror}); choose another "
-                              "--out") from None
-        self._lock_out()
-        try:
-            yield
-        finally:
-            self.out_lock.release()
-
-    def _lock_out(self) -> None:
-        """Take --out's lock, or say which run holds it: two runs writing one directory would mix their files."""
-        try:
-            holder = self.out_lock.acquire()
-        except OSError as exc:  # e.g. another user's run, killed, left its lock file
-            raise ConfigError(f"--out {self.out}: cannot lock it through {self.out_lock.path} ({exc.strerror}); "
-                              "remove that file if no run is writing there, or choose another --out") from None
-        if holder is not None:
-            which = f" (process {holder})" if holder else ""
-            raise ConfigError(f"--out {self.out} is in use by another training run{which}; wait for it to end, or "
-                              "choose another --out")
-
-    def _finds_another_run(self) -> bool:
-        """Whether --out holds another run's files that this run would mix with or replace unasked."""
-        return not self.config.overwrite and not self._continues_out and bool(previous_run(self.out))
 
     def _check_no_other_run(self) -> None:
-        """ConfigError if --out holds another run's files (see _finds_another_run), saying how to go on."""
+        """ConfigError if --out holds another run's files (RunFolder.holds_another_run), saying how to go on."""
         config = self.config
-        if not self._finds_another_run():
+        if not self.folder.holds_another_run():
             return
         if config.resume == "auto":
             raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
@@ -624,43 +538,25 @@ class Trainer:
     def _start_files(self) -> Path | None:
         """Set a replaced run aside; remove what a killed save left; write train_config.json; trim metrics.jsonl.
 
-        Returns the folder holding a run replaced by --overwrite: it is deleted once the new run has its first
-        checkpoint, so a new run that fails early leaves the old one recoverable.
+        Returns the folder holding a run replaced by --overwrite (see RunFolder.set_aside_previous_run).
         """
         set_aside = None
         if self.dist.is_main:
-            if not self._files_started and self._finds_another_run():  # checked again, now under the lock
+            if not self._files_started and self.folder.holds_another_run():  # checked again, now under the lock
                 raise ConfigError(f"another training run wrote into {self.out} after this one was set up; choose "
                                   "another --out, or start this one again to see how to go on there")
             ckpt.remove_stale_temporaries(self.out)
-            replacing = self.config.overwrite and not self._continues_out and not self._files_started
-            old = previous_run(self.out) if replacing else []
-            if old:
-                set_aside = self.out / f".replaced-run-{os.getpid()}"
-                set_aside.mkdir()
-                for path in old:
-                    os.replace(path, set_aside / path.name)
-                self._log(f"--overwrite: the previous run in {self.out} was moved to {set_aside.name} and will be "
-                          "deleted after the first checkpoint")
-            settings = json.dumps(self.config.to_dict(), indent=2) + "\n"
-            write_atomically(self.out / "train_config.json", lambda staging: staging.write_text(settings))
-            self._trim_metrics()
+            if not self._files_started:
+                set_aside = self.folder.set_aside_previous_run(self._log)
+            self.folder.write_config(self.config.to_dict())
+            self.folder.trim_metrics(self.step)
         self._files_started = True  # a second train() call continues this run's files
         self.dist.barrier()
         return set_aside
 
-    def _trim_metrics(self) -> None:
-        """Keep only the metrics of steps up to the one resumed from (a crashed run may have logged beyond it)."""
-        path = self.out / "metrics.jsonl"
-        kept = []
-        if self.step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
-
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with (self.out / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.folder.append_metrics(record)
 
     # ------------------------------------------------------------------------------------------ interface
     def _progress_bar(self):
@@ -699,36 +595,8 @@ class Trainer:
 
     def close(self) -> None:
         """Leave the process group, if this run joined one."""
-        if self.dist.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        self.dist.close()
 
 
 def _empty_window() -> dict[str, float]:
     return {"loss": 0.0, "finite": 0, "steps": 0, "seconds": 0.0}
-
-
-def write_loss_plot(metrics_file: Path, png: Path, log=print) -> bool:
-    """Plot training and validation loss from metrics.jsonl into `png`; False (with a note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("note: matplotlib is not installed, so no loss.png (pip install 'minigpt2[plot]')")
-        return False
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomically(png, lambda staging: fig.savefig(staging, dpi=100, format="png"))
-    plt.close(fig)
-    return True
