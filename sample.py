@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import (add_flag, make_parser, parse_bool, parse_path, parse_seed, read_text_flag, resolve_device,
+from minigpt2.cli import (add_flag, make_parser, parse_bool, parse_path, parse_seed, read_text_file, resolve_device,
                           run_main)
 from minigpt2.errors import ConfigError
 from minigpt2.generate import TextStream, stream_generate
@@ -97,7 +97,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise ConfigError("give --prompt or --prompt_file, not both")
     if args.prompt_file is not None:
-        prompt = read_text_flag(args.prompt_file, "prompt_file")
+        prompt = read_text_file(args.prompt_file, "prompt_file")
     elif args.prompt is not None:
         prompt = args.prompt
     else:

@@ -92,7 +92,7 @@ def parse_path(text: str) -> str:
     return text
 
 
-def read_text_flag(path: str | Path, flag: str | None = None) -> str:
+def read_text_file(path: str | Path, flag: str | None = None) -> str:
     """The text of the UTF-8 file at `path`, which the flag `--flag` names (None: a file the library was given).
 
     A leading byte-order mark, which Windows editors write, is dropped: it is not text. A folder, a missing or

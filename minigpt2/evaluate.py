@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_flag, make_parser, parse_path, parse_seed, read_text_flag, resolve_device, run_main
+from .cli import add_flag, make_parser, parse_path, parse_seed, read_text_file, resolve_device, run_main
 from .errors import ConfigError, DataError
 from .generation_config import STRATEGIES, SettingError
 from .model import GPT
@@ -206,7 +206,7 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
                             "text files to it, or pass a text file or a dataset folder written by data/prepare.py")
     else:
         files = [path]
-    texts = [read_text_flag(file) for file in files]
+    texts = [read_text_file(file) for file in files]
     ids: list[int] = []
     for i, encoded in enumerate(tokenizer.encode_batch(texts)):
         ids.extend(([EOT_ID] if i else []) + encoded)
@@ -298,7 +298,7 @@ def _parse_strategies(text: str) -> list[str]:
 
 def _load_text(path: str) -> EvalText:
     """--text, read and checked before any model is loaded: a text too short to score fails in a second. Its
-    errors start with `--text path: `, as read_text_flag's do (the library's start with the path alone)."""
+    errors start with `--text path: `, as read_text_file's do (the library's start with the path alone)."""
     try:
         text = load_eval_text(path)
         _check_scorable(text.tokens)
@@ -334,7 +334,7 @@ def _run_report(args) -> int:
     if not all(prompt.strip() for prompt in prompts):
         raise ConfigError("--prompt: a prompt is empty; give some text to continue")
     if args.prompts_file:
-        lines = [line for line in read_text_flag(args.prompts_file, "prompts_file").splitlines() if line.strip()]
+        lines = [line for line in read_text_file(args.prompts_file, "prompts_file").splitlines() if line.strip()]
         if not lines:
             raise DataError(f"--prompts_file {args.prompts_file}: holds no non-blank line; write one prompt per "
                             "line, or leave the flag out to draw prompts from --text")
