@@ -3,14 +3,19 @@
 The new content goes to a temporary file beside the target, which is then renamed over it: on POSIX and Windows a
 rename within one directory replaces the target in a single step, so readers see the old file or the new one,
 never a mix. Every file minigpt2 writes goes through here (checkpoint directories are staged the same way, whole).
-A command that fails leaves no folder behind either: see `removed_if_failed`. And two processes never write one
-folder's files at once: see `FolderLock`.
+A command that fails leaves no folder behind either: see `removed_if_failed`. A process killed outright (SIGKILL, a
+crash) cannot clean up: the staging folders it leaves are deleted by the next save of the same name (`staging_path`).
+And two processes never write one folder's files at once: see `FolderLock`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +23,8 @@ try:
     import fcntl
 except ImportError:  # Windows: folders are not locked there
     fcntl = None
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
@@ -53,6 +60,36 @@ def removed_if_failed(folder: str | os.PathLike[str]) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 f.rmdir()
         raise
+
+
+def staging_path(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new path `parent/.tmp-<name>-<host>-<pid>-<random>` to stage `name` in (the caller creates it).
+
+    The name says which process of which machine staged it, so that the staging folders of `name` that a process
+    of this machine left when it was killed, and that no longer runs, can be told from those of a save in progress:
+    they are deleted here first. On Windows, where no process can be probed safely, nothing is deleted.
+    """
+    folder = Path(parent)
+    left_by = re.compile(rf"^\.tmp-{re.escape(name)}-{_HOST}-(\d+)-[0-9a-f]{{8}}$")
+    with contextlib.suppress(OSError):  # `parent` missing or unreadable: nothing to clean
+        for path in folder.iterdir():
+            match = left_by.match(path.name)
+            if match and path.is_dir() and not _running(int(match.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+    return folder / f".tmp-{name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (True when that cannot be known)."""
+    if os.name == "nt":  # os.kill(pid, 0) would send it Ctrl-C there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 class FolderLock:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import removed_if_failed
+from .atomic import removed_if_failed, staging_path
 from .checkpoint import latest_checkpoint
 from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
@@ -227,7 +226,8 @@ def save_pretrained(model: GPT, directory: str | os.PathLike[str]) -> None:
     loaded incomplete; over an earlier checkpoint, those renames are the only moment that can mix two saves. Files
     of the checkpoint format that this save does not write, such as an earlier save's shards and their index, are
     deleted once the new files are in place; other files (a README, a tokenizer's) stay. Only a save killed outright
-    (SIGKILL, a power cut) leaves something behind: its hidden `.tmp-...` staging folder, safe to delete.
+    (SIGKILL, a power cut) leaves something behind: its hidden `.tmp-...` staging folder, which the next save to the
+    same directory on the same machine deletes.
     """
     _write_checkpoint(Path(directory), _checkpoint_files(model))
 
@@ -296,10 +296,10 @@ def _replace_files(out: Path, files: dict[str, Callable[[Path], object]]) -> Non
 
 @contextlib.contextmanager
 def _staging_folder(parent: Path, name: str, out: Path) -> Iterator[Path]:
-    """A new hidden folder `.tmp-<name>-<random>` in `parent` (created with its missing parents) for the files of a
-    save to `out`. On the way out it is deleted with whatever it still holds: every file if the save failed, none
+    """A new hidden folder in `parent` (created with its missing parents; see atomic.staging_path) for the files of
+    a save to `out`. On the way out it is deleted with whatever it still holds: every file if the save failed, none
     once they were moved into place."""
-    staging = parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    staging = staging_path(parent, name)
     try:
         staging.mkdir(parents=True)
     except OSError as exc:

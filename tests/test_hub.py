@@ -313,6 +313,47 @@ def test_copy_checkpoint_replaces_the_files_as_a_set(sharded_dir, tmp_path):
     assert files_in(sharded_dir) == before
 
 
+KILLED_SAVE = """
+import sys, time
+import torch
+import minigpt2.hub as hub
+from minigpt2 import GPT, GPTConfig
+
+real_save_file = hub.save_file
+
+def save_file_then_hang(tensors, path, metadata=None):
+    real_save_file(tensors, path, metadata=metadata)
+    print("weights written", flush=True)
+    time.sleep(600)
+
+hub.save_file = save_file_then_hang
+torch.manual_seed(2)
+GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=32)).save_pretrained(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["over a checkpoint", "new directory"])
+def test_what_a_save_killed_outright_leaves_goes_with_the_next_save(tmp_path, exists):
+    """SIGKILL during a save leaves its staging folder (nothing can clean up then); the next save to the same
+    directory deletes it, but not the staging folder of a save still running."""
+    target = tmp_path / "model"
+    if exists:
+        small_gpt(0).save_pretrained(target)
+    save = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)], stdout=subprocess.PIPE, text=True)
+    assert save.stdout.readline() == "weights written\n"
+    save.kill()
+    save.wait()
+    save.stdout.close()
+    where = target if exists else tmp_path
+    left = [p for p in where.iterdir() if p.name.startswith(".tmp-")]
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
+    running = where / re.sub(rf"-{save.pid}-([0-9a-f]{{8}})$", rf"-{os.getpid()}-\1", left[0].name)
+    running.mkdir()  # as a save by this process, in progress, would have it
+    small_gpt(1).save_pretrained(target)
+    assert [p.name for p in where.iterdir() if p.name.startswith(".tmp-")] == [running.name]
+    assert torch.equal(logits_of(GPT.from_pretrained(target))[1], logits_of(small_gpt(1))[1])
+
+
 def test_single_file_wins_over_a_shard_index_as_in_transformers(sharded_dir, tmp_path):
     """A directory holding both layouts (a save that replaced one with the other was killed before deleting the old
     one) loads the same weights in both libraries: model.safetensors."""
