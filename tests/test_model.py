@@ -151,36 +151,48 @@ def test_dropout_rounds_p_to_sixteen_bits_and_scales_by_the_rounded_keep_rate():
     assert not dropout(x, 1 - 1e-6, training=True).any()  # rounds to 1: everything dropped
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(saved_for_backward):
     """Recomputing a block in backward draws the same dropout masks (checkpoint restores the RNG state)."""
     torch.manual_seed(6)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32)  # GPT-2's dropout of 0.1
     model = GPT(config).train()
     x = torch.randint(0, 100, (2, 16))
     torch.manual_seed(7)
-    model.loss(x).backward()
+    with saved_for_backward() as plain_saved:
+        loss = model.loss(x)
+    loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.gradient_checkpointing = True
     torch.manual_seed(7)
-    model.loss(x).backward()
+    with saved_for_backward() as recomputed_saved:
+        loss = model.loss(x)
+    loss.backward()
     for a, b in zip(plain, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b)
+    assert recomputed_saved.bytes < plain_saved.bytes / 2  # the blocks really were recomputed, dropout and all
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(saved_for_backward):
+    """The same gradients, from a forward pass that keeps far fewer activations for backward (the blocks' are
+    recomputed there): with the flag ignored, the kept bytes would be equal."""
     torch.manual_seed(6)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32, embd_pdrop=0.0,
                        attn_pdrop=0.0, resid_pdrop=0.0)
     model = GPT(config).train()
     x = torch.randint(0, 100, (2, 16))
-    model.loss(x).backward()
+    with saved_for_backward() as plain_saved:
+        loss = model.loss(x)
+    loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.gradient_checkpointing = True
-    model.loss(x).backward()
+    with saved_for_backward() as recomputed_saved:
+        loss = model.loss(x)
+    loss.backward()
     for a, b in zip(plain, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b)
+    assert recomputed_saved.bytes < plain_saved.bytes / 2, (recomputed_saved.bytes, plain_saved.bytes)
 
 
 def test_presets_match_the_published_sizes():

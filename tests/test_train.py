@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -66,9 +67,12 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
 
 
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> list[float]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if "loss" in r]
+    return [r["loss"] for r in metrics(out) if "loss" in r]
 
 
 def test_resume_is_bit_exact(init_dir, prepared, tmp_path):
@@ -170,14 +174,18 @@ def test_non_finite_settings_are_refused(name, value):
 
 
 def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(init_dir, prepared, tmp_path):
+    """Weights, every logged loss and gradient norm, and the validation losses of 2 processes with grad_accum 1
+    equal one process with grad_accum 2. Adam divides a constant gradient scale away; a large eps and no clipping
+    make the update depend on it, so that a gradient averaged over the processes twice (or not at all) shows in the
+    weights as well as in the norms. Validation runs at step 2 and 4, each process evaluating half the batches."""
     # A small lr: Adam divides each gradient by its own running size, so where a gradient is rounding noise (the
     # key bias's is zero in exact arithmetic) the two summation orders give updates that differ by up to lr.
-    common = dict(max_steps=4, eval_interval=0, dropout=0.0, batch_size=4, lr=1e-4)
+    common = dict(max_steps=4, eval_interval=2, dropout=0.0, batch_size=4, lr=1e-4, eps=1e-3, grad_clip=0.0)
     single = Trainer(config(init_dir, prepared, tmp_path / "one", grad_accum=2, **common)).train()
     flags = ["--init", init_dir, "--data", prepared, "--out", tmp_path / "two", "--grad_accum", 1,
-             "--max_steps", 4, "--eval_interval", 0, "--dropout", 0.0, "--batch_size", 4, "--block_size", 32,
-             "--lr", 1e-4, "--warmup_steps", 2, "--eval_batches", 2, "--dtype", "fp32", "--device", "cpu",
-             "--progress", "false", "--samples", 0, "--log_interval", 1]
+             "--max_steps", 4, "--eval_interval", 2, "--dropout", 0.0, "--batch_size", 4, "--block_size", 32,
+             "--lr", 1e-4, "--eps", 1e-3, "--grad_clip", 0.0, "--warmup_steps", 2, "--eval_batches", 2, "--dtype",
+             "fp32", "--device", "cpu", "--progress", "false", "--samples", 0, "--log_interval", 1]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), *map(str, flags)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -187,10 +195,37 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(init_di
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.allclose(ours[name], theirs[name], rtol=0, atol=1e-6), name
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [sorted(r) for r in one] == [sorted(r) for r in two]
+    for key in ("loss", "grad_norm", "val_loss"):
+        logged = [r[key] for r in one if key in r]
+        assert len(logged) == (2 if key == "val_loss" else 4)
+        assert logged == pytest.approx([r[key] for r in two if key in r], rel=1e-6), key
     start = load_file(init_dir / "model.safetensors")  # the same layout as our checkpoints
     moved = max((ours[n] - start[n]).abs().max().item() for n in ours if n in start)
     assert moved > 1e-4  # training happened: the comparison is not vacuous
+
+
+def test_validation_loss_is_the_mean_over_the_validation_windows_without_dropout(init_dir, prepared, tmp_path):
+    """The validation loss logged at an evaluation (which picks the best checkpoint and drives early stopping)
+    equals transformers' GPT-2 on that checkpoint, in eval mode, over the validation split's windows: the mean
+    cross-entropy of every token. Trained with dropout, so evaluating in training mode would differ."""
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    result = Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=2, eval_batches=3)).train()
+    logged = [r["val_loss"] for r in metrics(tmp_path) if "val_loss" in r]
+    assert len(logged) == 1
+    # The documented windows: eval_batches x batch_size = 12 windows of block_size + 1 tokens (inputs and their
+    # next tokens), evenly spaced over val.bin's uint16 tokens at multiples of block_size.
+    tokens = np.fromfile(prepared / "val.bin", dtype=np.uint16).astype(np.int64)
+    available = (len(tokens) - 1) // 32
+    assert available > 12
+    rows = torch.from_numpy(np.stack([tokens[i * available // 12 * 32:][:33] for i in range(12)]))
+    reference = GPT2LMHeadModel.from_pretrained(result.last_checkpoint).eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(reference(rows[:, :-1]).logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+    assert logged[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_save_is_atomic(init_dir, prepared, tmp_path, monkeypatch):
@@ -372,13 +407,19 @@ def test_update_equals_a_reference_loop_with_torch_adamw_and_clip_grad_norm(init
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_gradient_checkpointing_and_bf16_train(init_dir, prepared, tmp_path):
+def test_gradient_checkpointing_and_bf16_train(init_dir, prepared, tmp_path, saved_for_backward):
     """Recomputed activations give fp32's weights; bf16 autocast gives fp32's losses to bf16 rounding. bf16 rounds
     each value by up to 2^-9 relative (0.02 of a loss near 10.8); a loss, a mean over many tokens, agrees better
     still. So 0.02 nats is bf16-sized, and a tenth of the 0.2 by which one update here lowers the loss."""
     common = dict(max_steps=2, eval_interval=0, dropout=0.0)
-    plain = Trainer(config(init_dir, prepared, tmp_path / "a", **common)).train()
-    recomputed = Trainer(config(init_dir, prepared, tmp_path / "b", gradient_checkpointing=True, **common)).train()
+    with saved_for_backward() as plain_saved:
+        plain = Trainer(config(init_dir, prepared, tmp_path / "a", **common)).train()
+    with saved_for_backward() as recomputed_saved:
+        recomputed = Trainer(config(init_dir, prepared, tmp_path / "b", gradient_checkpointing=True,
+                                    **common)).train()
+    # Recomputed, the blocks keep nothing for backward; plain, at least their MLP's hidden activations: (4, 32, 256)
+    # fp32 per layer (2), micro-batch (2) and step (2). The logits, kept either way, dwarf them both.
+    assert plain_saved.bytes - recomputed_saved.bytes >= 4 * 32 * 256 * 4 * 2 * 2 * 2
     a, b = weights(plain.last_checkpoint), weights(recomputed.last_checkpoint)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     bf16 = Trainer(config(init_dir, prepared, tmp_path / "c", dtype="bf16", **common)).train()
