@@ -17,6 +17,15 @@ then ends in the last column, new tokens are appended to all rows at once, and p
 so that each prompt is continued exactly as it would be alone. A row that finishes early is filled with
 `pad_token_id` while the others go on.
 
+Where the result differs from transformers' (5.24), it is in tokens that carry no text, and on purpose:
+- What fills a finished row: always `pad_token_id` (else the first eos id) here. transformers' beam search fills with the first eos id when
+  pad_token_id is 0 (a truthiness test) and with -1 when there is no eos id; and with stop strings but no eos id,
+  its greedy search and sampling go on generating in rows that have stopped.
+- Hypotheses beyond the real ones: when fewer continuations are possible than `num_return_sequences` asks for (a
+  vocabulary smaller than the beams, or processors that ban nearly everything), the extra slots are filled from
+  beams that never started, whose scores tie at the "impossible" value; the two libraries break that tie
+  differently, so those meaningless hypotheses may differ.
+
 Greedy search and sampling share `_decode`; beam search is `_beam_search`. `stream_generate` turns the tokens of a
 single sequence into text as they come, holding back what might be the start of a stop string.
 """
