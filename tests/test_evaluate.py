@@ -119,13 +119,19 @@ def test_bits_per_byte_and_defaults(models):
 
 
 def test_model_mode_is_restored(models, token_ids):
-    ours, _ = models
+    """Evaluating a model mid-training (dropout on) must give transformers' eval-mode figure, not a dropout-noised
+    one, and leave the model training."""
+    ours, ref = models
+    assert ours.config.resid_pdrop > 0  # else leaving dropout on would not change the figure
+    tokens = token_ids[:50]
+    nll_sum, n_scored = reference_nll_sum(ref, tokens, N_POSITIONS, N_POSITIONS // 2)  # ref is in eval mode
     ours.train()
     try:
-        perplexity(ours, token_ids[:50], progress=False)
+        result = perplexity(ours, tokens, progress=False)
         assert ours.training
     finally:
         ours.eval()
+    assert result["loss"] == pytest.approx(nll_sum / n_scored, rel=1e-5)
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
@@ -441,9 +447,30 @@ def _greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+def hand_distinct(token_lists: list[list[int]], n: int) -> float:
+    """distinct-n counted by hand: distinct n-grams / all n-grams, pooled over the lists, none crossing two."""
+    grams = [tuple(tokens[i:i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+def hand_repeated(tokens: list[int], n: int) -> float:
+    """The repeated n-gram rate counted by hand: the share of n-grams that already occurred earlier in `tokens`."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return sum(gram in grams[:i] for i, gram in enumerate(grams)) / len(grams) if grams else 0.0
+
+
+def hf_mean_logprob(ref: GPT2LMHeadModel, prompt: list[int], new: list[int]) -> float:
+    """transformers' mean log-probability of `new` after `prompt`: log_softmax of its logits, each new token read
+    at the position before it."""
+    with torch.no_grad():
+        logprobs = ref(torch.tensor([prompt + new[:-1]])).logits[0, len(prompt) - 1:].log_softmax(-1)
+    return logprobs[torch.arange(len(new)), torch.tensor(new)].mean().item()
+
+
 def test_report_cuts_stop_string_rows_before_their_padding(hf_checkpoint, tmp_path, monkeypatch):
     """A row that stops on a stop string ends with the token that completes it, whatever id pads it afterwards;
-    the other row runs to the limit. Expected tokens are hand-computed greedy continuations."""
+    the other row runs to the limit. Expected tokens are hand-computed greedy continuations; the figures of each
+    sample and of the summary table are counted by hand from them, the mean log-prob scored by transformers."""
     from minigpt2 import report
 
     model = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
@@ -464,7 +491,23 @@ def test_report_cuts_stop_string_rows_before_their_padding(hf_checkpoint, tmp_pa
     stopped, full = shown[0]
     assert stopped.tokens == greedy[0][:2] and stopped.ended == "stop string"
     assert full.tokens == greedy[1] and full.ended is None
-    assert "[ended: stop string]" in md_path.read_text(encoding="utf-8")
+    md = md_path.read_text(encoding="utf-8")
+    assert "[ended: stop string]" in md
+
+    ref = GPT2LMHeadModel.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS)).eval()
+    texts = [greedy[0][:2], greedy[1]]
+    assert hand_distinct(texts[1:], 1) != hand_distinct(texts[1:], 2)  # a repeated token: a mix-up of n shows
+    logprobs = [hf_mean_logprob(ref, prompt, new) for prompt, new in zip(prompts, texts)]
+    for sample, new, logprob in zip((stopped, full), texts, logprobs):
+        figures = (sample.distinct_1, sample.distinct_2, sample.repeated_3, sample.mean_logprob)
+        expected = (hand_distinct([new], 1), hand_distinct([new], 2), hand_repeated(new, 3), logprob)
+        assert figures == pytest.approx(expected, rel=1e-5), new
+    # The summary pools distinct-n over both prompts' samples and averages the rest; its rows are shown to 3 places.
+    row = next(line for line in md.splitlines() if line.startswith("| greedy | base | "))
+    cells = [float(c) for c in row.strip("|").split("|")[2:]]
+    summary = (hand_distinct(texts, 1), hand_distinct(texts, 2), np.mean([hand_repeated(t, 3) for t in texts]),
+               np.mean(logprobs))
+    assert cells == pytest.approx(summary, abs=5e-4 + 1e-6), row
 
 
 def test_report_takes_only_the_endings_from_each_generation_config(hf_checkpoint, tmp_path, monkeypatch):

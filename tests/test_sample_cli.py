@@ -73,12 +73,32 @@ def test_greedy_output_is_transformers_generate_with_the_same_settings(model_dir
                                       repetition_penalty=1.3, eos_token_id=None)
 
 
-def test_stream_prints_the_same_text(model_dir, capsys):
+@pytest.fixture
+def streamed(monkeypatch) -> list[str]:
+    """The pieces sample.py's stream_generate yields from now on, recorded on their way to be printed (the real
+    generator still does the work): what shows that --stream streamed, as the printed text alone cannot."""
+    pieces = []
+    real = sample.stream_generate
+
+    def recording(*args, **kwargs):
+        for piece in real(*args, **kwargs):
+            pieces.append(piece)
+            yield piece
+
+    monkeypatch.setattr(sample, "stream_generate", recording)
+    return pieces
+
+
+def test_stream_prints_the_same_text(model_dir, capsys, streamed):
+    """--stream prints, piece by piece as they are generated, the text the plain run prints at the end."""
     args = ["--model", model_dir, "--prompt", "Once", "--max_new_tokens", 8, "--eos_token_id", "none"]
-    assert run(args, capsys)[1] == run([*args, "--stream"], capsys)[1]
+    out = run(args, capsys)[1]
+    assert not streamed
+    assert run([*args, "--stream"], capsys)[1] == out == "Once" + "".join(streamed) + "\n"
+    assert len(streamed) > 1
 
 
-def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys):
+def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys, streamed):
     tok = Tokenizer()
     ids = torch.tensor([tok.encode("Once")])
     with torch.no_grad():
@@ -90,7 +110,8 @@ def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys):
     expected = "Once" + text[:text.find(stop)] + "\n"
     args = ["--model", model_dir, "--prompt", "Once", "--max_new_tokens", 12, "--eos_token_id", "none", "--stop", stop]
     assert run(args, capsys)[1] == expected
-    assert run([*args, "--stream"], capsys)[1] == expected
+    assert run([*args, "--stream"], capsys)[1] == expected == "Once" + "".join(streamed) + "\n"
+    assert len(streamed) > 1
 
 
 def test_top_p_samples_are_transformers_samples_with_the_same_seed(model_dir, capsys, tmp_path):
@@ -113,13 +134,30 @@ def test_beam_preset_with_overrides_is_transformers_beam_search(model_dir, capsy
                                       early_stopping="never", num_return_sequences=2, max_new_tokens=5)
 
 
+def hand_distinct(token_lists: list[list[int]], n: int) -> float:
+    """distinct-n counted by hand: distinct n-grams / all n-grams, pooled over the lists, none crossing two."""
+    grams = [tuple(tokens[i:i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
 def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
+    """Each strategy's texts are transformers' generate() with that preset's settings and the same seed (greedy one
+    row, beam search and sampling --num_samples); its distinct-1/2 in the table are counted by hand from them."""
     code, out, _ = run(["--model", model_dir, "--prompt", "The", "--compare", "--num_samples", 2, "--seed", 0,
                         "--max_new_tokens", 8], capsys)
     assert code == 0
-    for name in sample.STRATEGIES:
-        assert f"=== {name} " in out
-    assert "distinct-1" in out and "rep-3" in out and "logprob/tok" in out
+    tok = Tokenizer()
+    table = out[out.rindex("\nstrategy "):].splitlines()
+    for name, preset in sample.STRATEGIES.items():
+        n = 1 if name == "greedy" else 2
+        rows = transformers_rows(model_dir, "The", seed=0, max_new_tokens=8, num_return_sequences=n, **preset)
+        shown = ", ".join(f"{k}={v}" for k, v in preset.items())
+        texts = "".join(f"{tok.decode(row).strip() or '(nothing)'}\n\n" for row in rows)
+        assert f"=== {name} ({shown}) ===\n{texts}" in out, name
+        cells = next(line for line in table if line.startswith(f"{name} ")).split()
+        assert int(cells[1]) == n
+        assert [float(c) for c in cells[2:4]] == pytest.approx([hand_distinct(rows, 1), hand_distinct(rows, 2)],
+                                                               abs=5e-4 + 1e-9), name
 
 
 @pytest.fixture(scope="module")
