@@ -55,7 +55,17 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     elif args.model_preset is not None and config.init != "scratch":
         parser.error(f"--model_preset shapes a new model (--init scratch); --init {config.init} loads a model that "
                      "has its own shape: drop --model_preset, or use --init scratch")
+    # A resumed run continues from its checkpoint, whatever --init says: another model there would be ignored.
+    if args.init is not None and resumed is not None and not _same_source(args.init, saved["init"]):
+        parser.error(f"--init {args.init}: the run resumed from {resumed} started from {saved['init']} and goes on "
+                     "from its checkpoint; drop --init (or use --init alone, without --resume, to start a new run "
+                     "from that model)")
     return config
+
+
+def _same_source(given: str, saved: str) -> bool:
+    """Whether two --init values name the same model (the same Hub id, or paths to the same directory)."""
+    return given == saved or (Path(given).exists() and Path(given).resolve() == Path(saved).resolve())
 
 
 def print_samples(model, config: TrainConfig) -> None:

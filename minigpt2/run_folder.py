@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,21 +102,36 @@ class RunFolder:
         """Whether the folder holds another run's files that this run would mix with or replace unasked."""
         return not self.overwrite and not self.continues and bool(previous_run(self.path))
 
-    def set_aside_previous_run(self, log: Callable[[str], None]) -> Path | None:
-        """With --overwrite, move an earlier run's files into a hidden folder and return it (None if none).
+    def previous_run_replaced(self) -> list[Path]:
+        """What of an earlier run this one replaces: all of it with --overwrite, unless continuing it."""
+        return previous_run(self.path) if self.overwrite and not self.continues else []
 
-        The caller deletes that folder once the new run has its first checkpoint.
+    def set_aside(self, paths: list[Path], log: Callable[[str], None]) -> Path | None:
+        """Move `paths` (files and checkpoints of the folder) into a hidden folder and return it; None if none.
+
+        The caller deletes that folder once the new run has its first checkpoint, or puts it back (put_back) if the
+        run fails before then.
         """
-        old = previous_run(self.path) if self.overwrite and not self.continues else []
-        if not old:
+        if not paths:
             return None
         set_aside = self.path / f".replaced-run-{os.getpid()}"
         set_aside.mkdir()
-        for path in old:
+        for path in paths:
             os.replace(path, set_aside / path.name)
-        log(f"--overwrite: the previous run in {self.path} was moved to {set_aside.name} and will be deleted after "
-            "the first checkpoint")
+        log(f"--overwrite: {', '.join(p.name for p in paths[:3])}{' ...' if len(paths) > 3 else ''} moved to "
+            f"{set_aside.name}, to be deleted after the first checkpoint")
         return set_aside
+
+    def put_back(self, set_aside: Path) -> None:
+        """Undo set_aside: what the new run wrote under the same names goes, the old files come back."""
+        for path in set_aside.iterdir():
+            target = self.path / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(path, target)
+        set_aside.rmdir()
 
     def write_config(self, settings: dict[str, Any]) -> None:
         """train_config.json: the resolved settings of the run."""

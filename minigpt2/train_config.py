@@ -28,6 +28,8 @@ from .schedule import SCHEDULES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DATA_MODES = ("random", "epoch")
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_REPORT_TOKENS = 256
 
 
 @dataclass
@@ -102,7 +104,8 @@ class TrainConfig:
     report: bool = field(default=True, metadata={"help": "write report.html/.md at the end: the starting and the "
                                                          "trained model's perplexity and samples side by side"})
     report_tokens: int = field(default=8192, metadata={"help": "validation tokens scored for the report's "
-                                                               "perplexities (0: the whole split)"})
+                                                               "perplexities (0: the whole split; else at least "
+                                                               "256)"})
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -113,16 +116,23 @@ class TrainConfig:
         for name, value in self.to_dict().items():
             if isinstance(value, float) and not math.isfinite(value):  # nan would slip through every `<` below
                 raise ConfigError(f"--{name} must be a finite number, got {value}")
+        for name in ("lr", "eps", "weight_decay"):  # scalars of the optimizer's float32 arithmetic
+            if abs(getattr(self, name)) > FLOAT32_MAX:
+                raise ConfigError(f"--{name} {getattr(self, name)} is beyond float32's range (3.4e38), in which the "
+                                  "optimizer computes; give a smaller value")
         positive = ("max_steps", "batch_size", "block_size", "grad_accum", "keep_checkpoints", "log_interval",
-                    "max_bad_steps")
+                    "max_bad_steps", "sample_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_interval", "patience", "samples",
-                        "sample_tokens", "weight_decay", "grad_clip", "eps", "report_tokens")
+        non_negative = ("warmup_steps", "eval_interval", "patience", "samples", "weight_decay", "grad_clip", "eps",
+                        "report_tokens")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.report_tokens < MIN_REPORT_TOKENS:  # too few to draw prompts from or to say anything
+            raise ConfigError(f"--report_tokens must be 0 (the whole validation split) or at least "
+                              f"{MIN_REPORT_TOKENS}, got {self.report_tokens}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if not self.lr > 0:

@@ -153,10 +153,10 @@ class Trainer:
             check_output_dir(self.out)
             self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
-        init_dir = Path(config.init)
-        if self.resume_from is None and init_dir.is_dir() and init_dir.resolve() == self.out.resolve():
-            raise ConfigError(f"--out {self.out} is the --init checkpoint: the run would write over the model it "
-                              "starts from; choose another --out")
+        init_dir = Path(config.init).resolve()
+        if self.resume_from is None and init_dir.is_dir() and self.out.resolve() in (init_dir, *init_dir.parents):
+            raise ConfigError(f"--out {self.out} holds the --init checkpoint {config.init}: the run would write over "
+                              "the model it starts from; choose another --out (or copy the checkpoint elsewhere)")
         # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
         self.folder.continues = self.resume_from is not None and \
             self.resume_from.resolve().parent == self.out.resolve()
@@ -166,6 +166,16 @@ class Trainer:
         if state is not None and int(state["step"]) > config.max_steps:
             raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, past --max_steps "
                               f"{config.max_steps}; pass a --max_steps above {state['step']} to train further")
+        # Resuming an earlier checkpoint of the run in --out starts a new line of checkpoints from it: the later
+        # ones of the old line would be mixed with them (and pruned in their place), so they go, but only if asked.
+        self.later_checkpoints: list[Path] = []
+        if self.folder.continues:
+            self.later_checkpoints = [path for path in ckpt.list_checkpoints(self.out)
+                                      if int(path.name[len(ckpt.PREFIX):]) > int(state["step"])]
+        if self.later_checkpoints and self.dist.is_main and not config.overwrite:
+            raise ConfigError(f"--resume {config.resume}: {self.out} holds later checkpoints of this run (up to "
+                              f"{self.later_checkpoints[-1].name}); pass --overwrite to train on from step "
+                              f"{state['step']} and drop them, or --resume auto to continue from the latest")
         seed_everything(config.seed + self.dist.rank)
         self.raw_model = self._load_model(self.resume_from or config.init)  # first: an unreachable Hub fails fast
         self.data = self._load_data()
@@ -324,8 +334,17 @@ class Trainer:
             return self._train_until(until)
 
     def _train_until(self, until: int) -> TrainResult:
-        cfg = self.config
         set_aside = self._start_files()
+        try:
+            return self._loop(until, set_aside)
+        except BaseException:
+            if set_aside is not None and set_aside.exists() and self.dist.is_main:
+                self.folder.put_back(set_aside)
+                self._log(f"the files that this run was to replace are back in {self.out}")
+            raise
+
+    def _loop(self, until: int, set_aside: Path | None) -> TrainResult:
+        cfg = self.config
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * self.dist.world_size
         bar = self._progress_bar()
         stopped_by = None
@@ -466,6 +485,11 @@ class Trainer:
     def _evaluate_and_save(self) -> str | None:
         """Evaluate, checkpoint, and say "early stopping" if patience has run out."""
         val_loss = self.evaluate()
+        if not math.isfinite(val_loss):  # the weights overflowed: nothing after this step is worth keeping
+            where = self._checkpoint_path(self.last_saved_step)
+            kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written"
+            raise TrainingError(f"the validation loss at step {self.step} is {val_loss}: the weights have diverged "
+                                f"({kept}). Try a lower --lr, --grad_clip 1.0, or --dtype bf16/fp32 instead of fp16")
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_step, self.evals_without_improvement = val_loss, self.step, 0
@@ -526,9 +550,12 @@ class Trainer:
         config = self.config
         if not self.folder.holds_another_run():
             return
-        if config.resume == "auto":
-            raise ConfigError(f"{self.out} holds a training run's files but no checkpoint to resume; pass "
-                              "--overwrite to start again, or choose another --out")
+        if not ckpt.list_checkpoints(self.out):
+            if not (self.out / "train_config.json").exists():
+                raise ConfigError(f"{self.out} holds a saved model, not a training run; choose another --out (or "
+                                  "pass --overwrite to replace the model)")
+            raise ConfigError(f"{self.out} holds a training run that ended before its first checkpoint, so there is "
+                              "nothing to resume; pass --overwrite to start again there, or choose another --out")
         if self.resume_from is not None:
             raise ConfigError(f"{self.out} already holds a training run that --resume {config.resume} would "
                               "replace; pass --overwrite to replace it, or choose another --out")
@@ -538,7 +565,8 @@ class Trainer:
     def _start_files(self) -> Path | None:
         """Set a replaced run aside; remove what a killed save left; write train_config.json; trim metrics.jsonl.
 
-        Returns the folder holding a run replaced by --overwrite (see RunFolder.set_aside_previous_run).
+        Returns the folder holding what --overwrite replaces (another run, or the later checkpoints of this one),
+        which goes once the new run has its first checkpoint, and comes back if the run fails before then.
         """
         set_aside = None
         if self.dist.is_main:
@@ -547,7 +575,8 @@ class Trainer:
                                   "another --out, or start this one again to see how to go on there")
             ckpt.remove_stale_temporaries(self.out)
             if not self._files_started:
-                set_aside = self.folder.set_aside_previous_run(self._log)
+                replaced = self.later_checkpoints or self.folder.previous_run_replaced()
+                set_aside = self.folder.set_aside(replaced, self._log)
             self.folder.write_config(self.config.to_dict())
             self.folder.trim_metrics(self.step)
         self._files_started = True  # a second train() call continues this run's files
@@ -570,7 +599,10 @@ class Trainer:
         if self.dist.is_main:
             from tqdm.auto import tqdm
 
-            tqdm.write(message, file=sys.stdout)
+            try:
+                tqdm.write(message, file=sys.stdout)
+            except OSError:  # stdout piped into a reader that is gone (`| tee` killed by the same Ctrl-C)
+                pass  # a message lost is better than a run lost: training goes on and saves its checkpoint
 
     @contextlib.contextmanager
     def _signals_caught(self):

@@ -467,6 +467,66 @@ def test_overwrite_replaces_a_run_only_after_its_first_checkpoint(init_dir, prep
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-run")]
 
 
+def test_a_run_that_fails_puts_the_run_it_was_to_replace_back(init_dir, prepared, tmp_path):
+    """--overwrite sets the old run aside until the new one has a checkpoint; a new run that fails before then
+    (here its data cannot be read) leaves the folder exactly as it found it, not hidden in .replaced-run-*."""
+    Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=1)).train()
+    before = tree(tmp_path)
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=2, overwrite=True))
+
+    def unreadable():
+        raise OSError("I/O error")
+
+    trainer.loader.next_batch = unreadable
+    with pytest.raises(OSError, match="I/O error"):
+        trainer.train()
+    assert tree(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_resuming_an_earlier_checkpoint_replaces_the_later_ones_only_if_asked(init_dir, prepared, tmp_path):
+    """Resuming checkpoint 2 of a run that went on to 4 starts a new line of checkpoints: refused without
+    --overwrite (the later ones would be mixed with the new, and pruning took the new one of them); with it, the
+    later ones go, and training on reaches the very weights of the first line (resume is exact)."""
+    first = Trainer(config(init_dir, prepared, tmp_path, max_steps=4, eval_interval=1, keep_checkpoints=4)).train()
+    straight = weights(first.last_checkpoint)
+    earlier = tmp_path / "checkpoint-0000002"
+    with pytest.raises(ConfigError, match=r"holds later checkpoints of this run \(up to checkpoint-0000004\); pass "
+                                          r"--overwrite to train on from step 2"):
+        Trainer(config(init_dir, prepared, tmp_path, max_steps=4, eval_interval=1, resume=str(earlier)))
+    again = Trainer(config(init_dir, prepared, tmp_path, max_steps=4, eval_interval=1, keep_checkpoints=1,
+                           resume=str(earlier), overwrite=True)).train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000004"]
+    assert again.last_checkpoint == first.last_checkpoint
+    assert all(torch.equal(v, straight[k]) for k, v in weights(again.last_checkpoint).items())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-run")]
+
+
+def test_a_diverged_validation_loss_stops_the_run(init_dir, prepared, tmp_path):
+    """A learning rate that blows the weights up gives a non-finite validation loss: the run stops with an error
+    there instead of saving it as its best checkpoint and reporting success."""
+    with pytest.raises(TrainingError, match=r"the validation loss at step 1 is nan: the weights have diverged "
+                                            r"\(no checkpoint was written\)"):
+        Trainer(config(init_dir, prepared, tmp_path, lr=1e30, grad_clip=0.0, warmup_steps=0, max_steps=2,
+                       eval_interval=1, max_bad_steps=5)).train()
+    assert ckpt.list_checkpoints(tmp_path) == [] and not (tmp_path / "model.safetensors").exists()
+
+
+def test_training_goes_on_when_stdout_is_a_broken_pipe(init_dir, prepared, tmp_path, monkeypatch):
+    """`python train.py | tee log` and Ctrl-C: tee is gone before the trainer says it is saving. Its messages are
+    lost, not the run."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    result = Trainer(config(init_dir, prepared, tmp_path, max_steps=2, eval_interval=1)).train()
+    assert result.step == 2 and result.stopped_by is None and (tmp_path / "model.safetensors").is_file()
+
+
 def test_toml_config_and_flags(init_dir, prepared, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'init = "{init_dir}"\nmax-steps = 7\nlr = 1\neval_batches = "none"\n')
@@ -515,6 +575,12 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     latin1.write_bytes("café au lait\n\nun deuxième document\n".encode("latin-1"))
     binary_toml = tmp_path / "binary.toml"
     binary_toml.write_bytes(b"\xdc\xff seed = 1")
+    saved_model = tmp_path / "model"
+    shutil.copytree(init_dir, saved_model)
+    unfinished = tmp_path / "unfinished"  # a run that failed before its first checkpoint
+    unfinished.mkdir()
+    for name in ("train_config.json", "metrics.jsonl"):
+        shutil.copy(out / name, unfinished / name)
     cases = {
         "unknown flag": [*good, "--bogus", 1],
         "misspelled flag": [*good, "--max-step", 3],
@@ -539,6 +605,13 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "resume past max_steps": [*good, "--resume", "auto", "--max_steps", 1],
         "resume elsewhere into a run": [*good[:4], "--out", tmp_path / "other", *good[6:], "--resume", out,
                                         "--max_steps", 3],
+        "init inside out": ["--init", out / "checkpoint-0000002", *good[2:], "--overwrite"],
+        "init on resume": [*good, "--resume", "auto", "--max_steps", 3, "--init", tmp_path / "other"],
+        "lr beyond float32": [*good, "--lr", "1e39"],
+        "no sample tokens": [*good, "--sample_tokens", 0],
+        "too few report tokens": [*good, "--report_tokens", 1],
+        "out holds a saved model": [*good[:4], "--out", saved_model, *good[6:]],
+        "out holds a run without checkpoint": [*good[:4], "--out", unfinished, *good[6:]],
     }
     errors = {}
     for what, flags in cases.items():
@@ -557,7 +630,16 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         errors["data needs a prepare.py option"]
     assert not (tmp_path / ".prepared").exists()  # the cache folder made for it is gone again
     assert f"{half_prepared} is not a prepared dataset: it has no val.bin" in errors["prepared data missing a file"]
-    assert "is the --init checkpoint" in errors["out is the init checkpoint"] and tree(init_dir) == init_before
+    assert "holds the --init checkpoint" in errors["out is the init checkpoint"] and tree(init_dir) == init_before
+    assert f"--out {out} holds the --init checkpoint {out / 'checkpoint-0000002'}" in errors["init inside out"]
+    assert f"--init {tmp_path / 'other'}: the run resumed from {out / 'checkpoint-0000002'} started from " \
+        f"{init_dir} and goes on from its checkpoint; drop --init" in errors["init on resume"]
+    assert "--lr 1e+39 is beyond float32's range" in errors["lr beyond float32"]
+    assert "--sample_tokens must be at least 1, got 0" in errors["no sample tokens"]
+    assert "--report_tokens must be 0 (the whole validation split) or at least 256" in errors["too few report tokens"]
+    assert f"{saved_model} holds a saved model, not a training run" in errors["out holds a saved model"]
+    assert f"{unfinished} holds a training run that ended before its first checkpoint, so there is nothing to " \
+        "resume; pass --overwrite" in errors["out holds a run without checkpoint"]
     assert "--init is empty" in errors["empty init"]
     assert "--config is given more than once" in errors["two config files"]
     assert "--report_tokens must be >= 0" in errors["negative report_tokens"]
@@ -567,7 +649,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "--seed must be between 0 and 2**64 - 1" in errors["seed past 64 bits"]
     elsewhere = errors["resume elsewhere into a run"]
     assert "--resume" in elsewhere and "--overwrite" in elsewhere
-    assert tree(out) == before and tree(tmp_path / "other") == other_before
+    assert tree(out) == before and tree(tmp_path / "other") == other_before and tree(saved_model) == tree(init_dir)
     assert not (tmp_path / "new").exists()
 
 
