@@ -48,8 +48,9 @@ class TrainConfig:
     resume: str | None = field(default=None, metadata={"help": "continue a run: 'auto' (the latest checkpoint in "
                                "--out, if any) or a checkpoint directory"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous run in --out (it is deleted once "
-                            "the new run has saved its first checkpoint); with --resume auto: only when --out holds "
-                            "no checkpoint to resume"})
+                            "the new run has saved its first checkpoint, and put back if it fails before); with "
+                            "--resume auto: only when --out holds no checkpoint to resume; with --resume of an "
+                            "earlier checkpoint of the run: drop the later ones"})
     # Batches and steps.
     max_steps: int = field(default=100, metadata={"help": "optimizer updates in the whole run"})
     batch_size: int = field(default=4, metadata={"help": "windows per micro-batch, per process"})
