@@ -163,7 +163,8 @@ def finish(config: TrainConfig, trainer, result, given: list[str], main_process:
     if result.model_dir is not None:
         if config.samples:
             print_samples(GPT.from_pretrained(result.model_dir).to(trainer.device), config)
-        print(f"the model is in {result.model_dir} (metrics.jsonl, loss.png and checkpoints beside it); try:\n"
+        beside = "metrics.jsonl, loss.png" if (result.out_dir / "loss.png").exists() else "metrics.jsonl"
+        print(f"the model is in {result.model_dir} ({beside} and checkpoints beside it); try:\n"
               f"  python sample.py --model {shlex.quote(str(result.model_dir))} --prompt {shlex.quote(PROMPTS[0])}")
     if result.model_dir is not None and config.report:
         write_before_after_report(config, trainer, result)

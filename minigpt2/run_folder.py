@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -147,8 +148,12 @@ class RunFolder:
         write_atomically(path, lambda staging: staging.write_text("".join(line + "\n" for line in kept)))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl; a non-finite number (a loss of only skipped steps) is written as null, since
+        JSON has no NaN and strict readers (jq, JSON.parse) refuse Python's."""
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
         with (self.path / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def plot_loss(self, log: Callable[[str], None] = print) -> bool:
         """loss.png: training and validation loss from metrics.jsonl; False (with a note) without matplotlib."""
@@ -161,8 +166,8 @@ class RunFolder:
             log("note: matplotlib is not installed, so no loss.png (pip install 'minigpt2[plot]')")
             return False
         records = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines() if line]
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         fig, ax = plt.subplots(figsize=(7, 4))
         for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
             if points:

@@ -157,6 +157,10 @@ class TrainConfig:
             raise ConfigError("--out must name a directory")
         if not self.init.strip():
             raise ConfigError("--init is empty; give a Hub id (gpt2, ...), scratch, or a checkpoint directory")
+        # Unset (None), it means a new run; empty, most often an unset shell variable.
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("--resume is empty; give auto or a checkpoint directory, or leave --resume out to start "
+                              "a new run")
 
     def _check_types(self) -> None:
         """Values from a config file arrive as TOML typed them: check them (ints may stand for floats)."""
@@ -203,6 +207,10 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: not a readable TOML file ({exc})") from None
     settings = {key.replace("-", "_"): value for key, value in data.items()}
+    if len(settings) < len(data):  # `max_steps` and `max-steps` both: one would be dropped without a word
+        twice = next(key for key in data if key.replace("-", "_") != key and key.replace("-", "_") in data)
+        raise ConfigError(f"--config {path}: {twice!r} and {twice.replace('-', '_')!r} are the same setting, set "
+                          "twice; keep one")
     nested = [key for key, value in settings.items() if isinstance(value, dict)]
     if nested:
         raise ConfigError(f"--config {path}: tables are not supported ([{nested[0]}]); write top-level "

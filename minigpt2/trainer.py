@@ -128,6 +128,9 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     path = Path(resume)
     if ckpt.is_checkpoint(path):
         return path
+    if not path.exists():
+        raise ConfigError(f"--resume {resume}: no such directory; pass a checkpoint directory, or 'auto' for the "
+                          "latest one in --out")
     found = ckpt.latest_checkpoint(path)
     if found is None:
         raise ConfigError(f"--resume {resume}: not a training checkpoint, and no checkpoint-* inside it; pass a "
@@ -496,7 +499,7 @@ class Trainer:
         else:
             self.evals_without_improvement += 1
         self._write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
-        self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}"
+        self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.6g}"
                   f"{' (best)' if improved else f' (best {self.best_val_loss:.4f} at step {self.best_step})'}")
         self._save()
         patience = self.config.patience

@@ -512,6 +512,24 @@ def test_a_diverged_validation_loss_stops_the_run(init_dir, prepared, tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == [] and not (tmp_path / "model.safetensors").exists()
 
 
+def test_metrics_lines_are_strict_json(tmp_path):
+    """A window of skipped steps has no mean loss: metrics.jsonl says null, which every JSON reader takes, not
+    Python's NaN, which jq and JSON.parse refuse."""
+    from minigpt2.run_folder import RunFolder
+
+    RunFolder(tmp_path, overwrite=False).append_metrics({"step": 3, "loss": float("nan"), "lr": 1e-3})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert line == '{"step": 3, "loss": null, "lr": 0.001}\n'
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}")) == {
+        "step": 3, "loss": None, "lr": 0.001}
+
+
+def test_empty_resume_is_refused_not_taken_for_unset():
+    """In a config file or the API, an empty --resume (an unset shell variable) is an error, not a new run."""
+    with pytest.raises(ConfigError, match="--resume is empty"):
+        TrainConfig(resume=" ")
+
+
 def test_training_goes_on_when_stdout_is_a_broken_pipe(init_dir, prepared, tmp_path, monkeypatch):
     """`python train.py | tee log` and Ctrl-C: tee is gone before the trainer says it is saving. Its messages are
     lost, not the run."""
@@ -577,6 +595,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     binary_toml.write_bytes(b"\xdc\xff seed = 1")
     saved_model = tmp_path / "model"
     shutil.copytree(init_dir, saved_model)
+    twice_toml = tmp_path / "twice.toml"
+    twice_toml.write_text("max_steps = 2\nmax-steps = 3\n")
     unfinished = tmp_path / "unfinished"  # a run that failed before its first checkpoint
     unfinished.mkdir()
     for name in ("train_config.json", "metrics.jsonl"):
@@ -612,6 +632,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "too few report tokens": [*good, "--report_tokens", 1],
         "out holds a saved model": [*good[:4], "--out", saved_model, *good[6:]],
         "out holds a run without checkpoint": [*good[:4], "--out", unfinished, *good[6:]],
+        "resume a missing folder": [*good, "--resume", tmp_path / "nowhere"],
+        "a setting twice in TOML": [*good, "--config", twice_toml],
     }
     errors = {}
     for what, flags in cases.items():
@@ -638,6 +660,9 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "--sample_tokens must be at least 1, got 0" in errors["no sample tokens"]
     assert "--report_tokens must be 0 (the whole validation split) or at least 256" in errors["too few report tokens"]
     assert f"{saved_model} holds a saved model, not a training run" in errors["out holds a saved model"]
+    assert f"--resume {tmp_path / 'nowhere'}: no such directory" in errors["resume a missing folder"]
+    assert f"--config {twice_toml}: 'max-steps' and 'max_steps' are the same setting, set twice; keep one" in \
+        errors["a setting twice in TOML"]
     assert f"{unfinished} holds a training run that ended before its first checkpoint, so there is nothing to " \
         "resume; pass --overwrite" in errors["out holds a run without checkpoint"]
     assert "--init is empty" in errors["empty init"]
