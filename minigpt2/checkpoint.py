@@ -121,7 +121,8 @@ def save_checkpoint(out_dir: str | os.PathLike[str], step: int, model: torch.nn.
 
 
 def load_training_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
-    """The training state saved in `checkpoint` (tensors on the CPU). CheckpointError if it is missing or broken."""
+    """The training state saved in `checkpoint` (tensors on the CPU), with every part that resuming reads checked
+    (see `_check_resumable`). CheckpointError, naming the file, if it is missing, unreadable or damaged."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -129,24 +130,127 @@ def load_training_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a training checkpoint (it needs config.json, {STATE_JSON} and "
                               f"{STATE_TENSORS}); to start from its weights without the training state, use "
                               "--init instead of --resume")
+    json_part = _read_state_json(path)
     try:
-        json_part = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-        tensors = load_file(path / STATE_TENSORS)
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: the training state is unreadable ({exc}); resume from an earlier "
-                              "checkpoint") from None
-    if json_part.pop("format", None) != FORMAT:
-        raise CheckpointError(f"{path / STATE_JSON}: unknown format; expected {FORMAT}")
-    return decode_state(json_part, tensors)
+        tensors = load_tensors(path / STATE_TENSORS)
+    except OSError as exc:
+        raise _unreadable(path / STATE_TENSORS, exc) from None
+    except SafetensorError as exc:
+        raise _damaged(path / STATE_TENSORS, f"not a safetensors file: {exc}") from None
+    try:
+        state = decode_state(json_part, tensors)
+    except KeyError as exc:  # a {"__tensor__": key} placeholder whose tensor is not in the tensor file
+        raise _damaged(path / STATE_JSON, f"its tensor {exc} is not in {STATE_TENSORS}") from None
+    _check_resumable(state, path / STATE_JSON)
+    return state
 
 
 def read_saved_config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The TrainConfig settings a checkpoint was written with (from its JSON only; no tensors are read)."""
-    path = Path(checkpoint) / STATE_JSON
+    return _need(_read_state_json(Path(checkpoint)), "config", _OBJECT, Path(checkpoint) / STATE_JSON)
+
+
+def _read_state_json(checkpoint: Path) -> dict[str, Any]:
+    """The JSON half of `checkpoint`'s training state, without its "format" tag, which must be FORMAT."""
+    file = checkpoint / STATE_JSON
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["config"]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: cannot read the saved settings ({exc})") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _unreadable(file, exc) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(file, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _damaged(file, f"{_describe(data)} instead of an object")
+    if data.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{file}: unknown format; expected {FORMAT}")
+    return data
+
+
+# The kinds of value a training state holds, as (types, name in messages). No part takes a bool, which Python
+# counts as an int.
+_INT = ((int,), "an integer")
+_NUMBER = ((int, float), "a number")
+_OBJECT = ((dict,), "an object")
+_LIST = ((list,), "a list")
+_TENSOR = ((torch.Tensor,), "a tensor")
+
+
+def _check_resumable(state: dict[str, Any], file: Path) -> None:
+    """Refuse a training state that resuming could not use: every part that Trainer._restore reads, or passes to
+    the optimizer, the data loader and `set_rng_state`, must be there with the right kind of value. A damaged or
+    hand-edited file is then reported by name, not as a KeyError or TypeError halfway through setting up the run."""
+    step = _need(state, "step", _INT, file)
+    if step < 0:
+        raise _damaged(file, f'"step" is {step}, not an integer >= 0')
+    _need(state, "config", _OBJECT, file)
+    optimizer = _need(state, "optimizer", _OBJECT, file)
+    for name in optimizer:
+        moments = _need(optimizer, name, _OBJECT, file, f"optimizer.{name}")
+        _need(moments, "step", _INT, file, f"optimizer.{name}.step")
+        _need(moments, "exp_avg", _TENSOR, file, f"optimizer.{name}.exp_avg")
+        _need(moments, "exp_avg_sq", _TENSOR, file, f"optimizer.{name}.exp_avg_sq")
+    data = _need(state, "data", _OBJECT, file)
+    for key in ("seed", "step", "epoch", "position"):
+        _need(data, key, _INT, file, f"data.{key}")
+    rngs = _need(state, "rng", _LIST, file)
+    for i in range(len(rngs)):
+        rng = _need(rngs, i, _OBJECT, file, f"rng.{i}")
+        _need(rng, "python", _LIST, file, f"rng.{i}.python")
+        _need(rng, "numpy", _OBJECT, file, f"rng.{i}.numpy")
+        _need(rng, "torch", _TENSOR, file, f"rng.{i}.torch")
+    tracker = _need(state, "tracker", _OBJECT, file)
+    _need(tracker, "best_val_loss", _NUMBER, file, "tracker.best_val_loss", nullable=True)
+    _need(tracker, "best_step", _INT, file, "tracker.best_step", nullable=True)
+    _need(tracker, "evals_without_improvement", _INT, file, "tracker.evals_without_improvement")
+    # Written by every run, but optional: the trainer has a default for each (no loss scaler, an empty window).
+    if state.get("scaler") is not None:
+        _need(state, "scaler", _OBJECT, file)
+    if "log_window" in state:
+        window = _need(state, "log_window", _OBJECT, file)
+        for key in ("loss", "finite", "steps", "seconds"):
+            _need(window, key, _NUMBER, file, f"log_window.{key}")
+
+
+def _need(parent: dict | list, key: str | int, kind: tuple[tuple[type, ...], str], file: Path,
+          where: str | None = None, nullable: bool = False) -> Any:
+    """`parent[key]`, which must be of `kind` (or None if `nullable`); else the file is damaged. `where` names the
+    part in the message (default: the key)."""
+    where = str(key) if where is None else where
+    if isinstance(parent, dict) and key not in parent:
+        raise _damaged(file, f'no "{where}"')
+    value = parent[key]
+    types, name = kind
+    if (value is None and nullable) or (isinstance(value, types) and not isinstance(value, bool)):
+        return value
+    raise _damaged(file, f'"{where}" is {_describe(value)}, not {name}{" or null" if nullable else ""}')
+
+
+def _describe(value: Any) -> str:
+    """A value in a message: a short JSON scalar as written, anything else by its kind."""
+    if isinstance(value, (str, int, float, type(None))) and len(json.dumps(value)) <= 40:
+        return json.dumps(value)
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    return {str: "a long string", dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _damaged(file: Path, what: str) -> CheckpointError:
+    """The error for a training state file whose contents resuming cannot use."""
+    return CheckpointError(f"{file}: damaged ({what}); resume from another checkpoint")
+
+
+def _unreadable(file: Path, exc: OSError) -> CheckpointError:
+    """The error for a training state file that cannot be opened or read: its contents may be fine."""
+    return CheckpointError(f"{file}: cannot be read ({exc.strerror or exc}); fix its permissions so that you can "
+                           "read it, or resume from another checkpoint")
+
+
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, except that a file that cannot be opened raises Python's own OSError, which says why
+    (PermissionError, ...): safetensors reports every such file as "No such file or directory"."""
+    with file.open("rb"):
+        pass
+    return load_file(file)
 
 
 def prune_checkpoints(out_dir: str | os.PathLike[str], keep_last: int, protect: Path | None = None) -> None:

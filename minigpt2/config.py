@@ -6,6 +6,8 @@ Field names follow transformers' `GPT2Config`, so a Hub `config.json` maps onto 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +42,25 @@ class GPTConfig:
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        # Each field's type and range first: the divisibility check below divides by n_head, and a config.json
+        # value of the wrong type would otherwise surface as a TypeError deep inside the model's constructor.
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_inner is not None and not _is_positive_int(self.n_inner):
+            raise ConfigError(f"n_inner must be a positive integer or None (4 * n_embd), got {self.n_inner!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, name)
+            if not (_is_real(value) and 0 <= value < 1):
+                raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
     @property
     def head_size(self) -> int:
@@ -108,9 +122,21 @@ class GPTConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields and k != "attn_impl"}
         try:
-            return cls(**{**values, **overrides})
-        except (TypeError, ConfigError) as exc:
-            raise CheckpointConfigError(f"{source}: {exc}") from None
+            config = cls(**values)
+        except ConfigError as exc:
+            raise CheckpointConfigError(f"{source}: {exc}; fix the file or save the model again") from None
+        # Applied after the file's values are checked, so that a bad override is not blamed on the file.
+        return dataclasses.replace(config, **overrides)
+
+
+def _is_positive_int(value: Any) -> bool:
+    """A whole number above 0 of an integer type: not 2.0, and not True (a bool is an int in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _is_real(value: Any) -> bool:
+    """A number (NaN and inf included: callers exclude them where they must), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class CheckpointConfigError(CheckpointError, ConfigError):

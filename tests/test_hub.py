@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
+import operator
 import os
 import re
 import shutil
@@ -12,16 +14,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minigpt2 import GPT, CheckpointError, GPTConfig
-from minigpt2.checkpoint import save_checkpoint
+from minigpt2 import GPT, CheckpointError, ConfigError, GPTConfig
+from minigpt2.checkpoint import load_training_state, read_saved_config, rng_state, save_checkpoint
+from minigpt2.dataset import BatchLoader
 from minigpt2.hub import CHECKPOINT_FILES, TRANSPOSED, copy_checkpoint
+from minigpt2.optim import AdamW, param_groups
 
 
 def logits_of(model, seed=0, T=24):
@@ -208,6 +214,86 @@ def test_config_and_weights_mismatch(broken_dir):
     (broken_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"has shape .* but config\.json implies"):
         GPT.from_pretrained(broken_dir)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("n_head", 0, "a positive integer"),  # was a ZeroDivisionError: n_embd % n_head was checked first
+    ("n_layer", 2.0, "a positive integer"),
+    ("n_layer", None, "a positive integer"),
+    ("n_layer", "two", "a positive integer"),
+    ("n_layer", True, "a positive integer"),
+    ("n_inner", -5, r"a positive integer or None \(4 \* n_embd\)"),
+    ("layer_norm_epsilon", "x", "a finite number >= 0"),
+    ("layer_norm_epsilon", float("nan"), "a finite number >= 0"),
+    ("initializer_range", "x", "a finite number >= 0"),
+    ("attn_pdrop", "x", r"a probability in \[0, 1\)"),
+    ("embd_pdrop", 5, r"a probability in \[0, 1\)"),
+])
+def test_config_values_of_the_wrong_type_or_range(broken_dir, key, value, message):
+    """Each used to be a traceback from inside the model, a cryptic message ('<=' not supported between 'NoneType'
+    and 'int'), or a model that loaded and failed later, in training."""
+    config = json.loads((broken_dir / "config.json").read_text())
+    config[key] = value
+    (broken_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {key} must be {message}, got {re.escape(repr(value))}; "
+                                              r"fix the file or save the model again$"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_a_bad_override_is_not_blamed_on_config_json(broken_dir):
+    with pytest.raises(ConfigError, match=r"^embd_pdrop must be a probability in \[0, 1\), got 5$") as caught:
+        GPT.from_pretrained(broken_dir, embd_pdrop=5)
+    assert not isinstance(caught.value, CheckpointError)
+
+
+def make_unreadable(monkeypatch, file: Path) -> None:
+    """Make `file` fail to open as a file without read permission does, even for root (who may read any file):
+    Python's open raises PermissionError, and safetensors, which opens files itself, raises what it raises for any
+    file it cannot open, FileNotFoundError("No such file or directory: ...")."""
+    real_open, real_safe_open = Path.open, safetensors.torch.safe_open
+
+    def path_open(path, *args, **kwargs):
+        if path == file:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    def safe_open(filename, *args, **kwargs):
+        if Path(filename) == file:
+            raise FileNotFoundError(f"No such file or directory: {filename}")
+        return real_safe_open(filename, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", path_open)
+    monkeypatch.setattr(safetensors.torch, "safe_open", safe_open)
+
+
+UNREADABLE = r"cannot be read \(Permission denied\); fix its permissions so that you can read it"
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "generation_config.json"])
+def test_unreadable_checkpoint_file(broken_dir, monkeypatch, name):
+    """config.json was a PermissionError traceback; model.safetensors was called corrupted, to be deleted (safetensors
+    reports a file it cannot open as "No such file or directory")."""
+    make_unreadable(monkeypatch, broken_dir / name)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: {UNREADABLE}$"):
+        GPT.from_pretrained(broken_dir)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_checkpoint_file_without_read_permission(broken_dir, name):
+    """The real thing: a file of mode 000. Root reads it anyway, so there the test is skipped (the one above runs)."""
+    file = broken_dir / name
+    file.chmod(0)
+    try:
+        try:
+            file.open("rb").close()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this process may read a file of mode 000 (root): permissions cannot be tested here")
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: {UNREADABLE}$"):
+            GPT.from_pretrained(broken_dir)
+    finally:
+        file.chmod(0o644)
 
 
 @pytest.fixture
@@ -425,6 +511,98 @@ def test_training_run_without_final_model(hf_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=rf"run: holds training checkpoints but no final model.*pass the latest "
                                               rf"checkpoint, {latest}"):
         GPT.from_pretrained(tmp_path / "run")
+
+
+@pytest.fixture
+def training_checkpoint(tmp_path) -> Path:
+    """A training checkpoint whose state has every part that resuming reads, made as Trainer._save makes it."""
+    model = small_gpt(0)
+    optimizer = AdamW(param_groups(model, weight_decay=0.1))
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    loader = BatchLoader(np.arange(1000) % 300, batch_size=2, block_size=8)
+    loader.next_batch()
+    state = {"step": 1, "config": {"init": "scratch", "max_steps": 10}, "world_size": 1,
+             "optimizer": optimizer.state_by_name(), "scaler": None, "data": loader.state_dict(), "rng": [rng_state()],
+             "tracker": {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0},
+             "log_window": {"loss": 5.5, "finite": 1, "steps": 1, "seconds": 0.25}}
+    return save_checkpoint(tmp_path / "run", 1, model, state)
+
+
+DELETE = object()
+
+
+def edit_state(checkpoint: Path, keys: tuple, value) -> None:
+    """Set the part of the checkpoint's training_state.json at `keys` (all of it for ()) to `value`, or delete it."""
+    file = checkpoint / "training_state.json"
+    data = json.loads(file.read_text())
+    if not keys:
+        data = value
+    else:
+        parent = functools.reduce(operator.getitem, keys[:-1], data)
+        if value is DELETE:
+            del parent[keys[-1]]
+        else:
+            parent[keys[-1]] = value
+    file.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("keys", "value", "message"), [
+    ((), [], "a list instead of an object"),  # was a TypeError
+    (("step",), DELETE, 'no "step"'),  # was a KeyError
+    (("step",), "ten", r'"step" is "ten", not an integer'),  # was a ValueError
+    (("step",), -3, r'"step" is -3, not an integer >= 0'),
+    (("config",), [1], r'"config" is a list, not an object'),  # was an AttributeError in train.py
+    (("optimizer",), DELETE, 'no "optimizer"'),
+    (("optimizer", "transformer.wte.weight", "exp_avg_sq"), DELETE,
+     r'no "optimizer\.transformer\.wte\.weight\.exp_avg_sq"'),
+    (("data", "position"), "x", r'"data\.position" is "x", not an integer'),
+    (("rng",), [{}], r'no "rng\.0\.python"'),
+    (("tracker", "best_step"), DELETE, r'no "tracker\.best_step"'),
+    (("scaler",), [], r'"scaler" is a list, not an object'),
+    (("log_window", "loss"), None, r'"log_window\.loss" is null, not a number'),
+])
+def test_damaged_training_state(training_checkpoint, keys, value, message):
+    """Each part that resuming reads is checked when the state is loaded: a damaged file is named, where it used to
+    be a traceback from the middle of setting up the run (or no error at all, until the part was used)."""
+    assert load_training_state(training_checkpoint)["step"] == 1  # intact, it loads
+    edit_state(training_checkpoint, keys, value)
+    with pytest.raises(CheckpointError, match=rf"training_state\.json: damaged \({message}\); resume from another "
+                                              r"checkpoint$"):
+        load_training_state(training_checkpoint)
+
+
+def test_training_state_tensor_missing(training_checkpoint):
+    """A placeholder in the JSON whose tensor is not in the tensor file was a KeyError."""
+    tensors_file = training_checkpoint / "training_state.safetensors"
+    tensors = load_file(tensors_file)
+    del tensors["optimizer.transformer.wte.weight.exp_avg"]
+    save_file(tensors, tensors_file)
+    with pytest.raises(CheckpointError, match=r"training_state\.json: damaged \(its tensor "
+                                              r"'optimizer\.transformer\.wte\.weight\.exp_avg' is not in "
+                                              r"training_state\.safetensors\); resume from another checkpoint$"):
+        load_training_state(training_checkpoint)
+
+
+@pytest.mark.parametrize(("keys", "value", "message"), [
+    ((), [], "a list instead of an object"),  # was a TypeError
+    (("config",), [1], r'"config" is a list, not an object'),  # was returned, for train.py to fail on
+    (("config",), DELETE, r'no "config"'),
+])
+def test_damaged_saved_settings(training_checkpoint, keys, value, message):
+    """train.py reads the saved settings alone (read_saved_config) before the run is set up."""
+    assert read_saved_config(training_checkpoint) == {"init": "scratch", "max_steps": 10}
+    edit_state(training_checkpoint, keys, value)
+    with pytest.raises(CheckpointError, match=rf"training_state\.json: damaged \({message}\)"):
+        read_saved_config(training_checkpoint)
+
+
+@pytest.mark.parametrize("name", ["training_state.json", "training_state.safetensors"])
+def test_unreadable_training_state(training_checkpoint, monkeypatch, name):
+    make_unreadable(monkeypatch, training_checkpoint / name)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: {UNREADABLE}, or resume from another "
+                                              r"checkpoint$"):
+        load_training_state(training_checkpoint)
 
 
 def test_file_instead_of_directory(broken_dir):

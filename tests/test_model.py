@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from minigpt2 import GPT, GPTConfig
+from minigpt2 import GPT, ConfigError, GPTConfig
 from minigpt2.kv_cache import KVCache
 from minigpt2.loss import lm_loss
 from minigpt2.model import dropout
@@ -202,6 +202,20 @@ def test_presets_match_the_published_sizes():
                   ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
     assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                       "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(n_head=0), r"n_head must be a positive integer, got 0"),  # was a ZeroDivisionError from n_embd % n_head
+    (dict(n_layer=2.0), r"n_layer must be a positive integer, got 2\.0"),
+    (dict(vocab_size=True), r"vocab_size must be a positive integer, got True"),
+    (dict(n_inner=-5), r"n_inner must be a positive integer or None \(4 \* n_embd\), got -5"),
+    (dict(initializer_range=float("inf")), r"initializer_range must be a finite number >= 0, got inf"),
+    (dict(resid_pdrop=1.0), r"resid_pdrop must be a probability in \[0, 1\), got 1\.0"),
+])
+def test_config_refuses_values_of_the_wrong_type_or_range(fields, message):
+    """Checked where the config is made, so that the model's constructor never meets them."""
+    with pytest.raises(ConfigError, match=rf"^{message}$"):
+        GPTConfig(**fields)
 
 
 def test_auto_attention_picks_triton_for_16_bit_cuda_attention_only(monkeypatch):
