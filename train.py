@@ -14,6 +14,7 @@ with the checkpoint are the defaults, so `--resume auto` alone continues the run
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -29,7 +30,8 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The resolved TrainConfig: defaults < saved settings of the run resumed < --config file < flags."""
-    from minigpt2.checkpoint import read_saved_config
+    from minigpt2.checkpoint import STATE_JSON, read_saved_config
+    from minigpt2.errors import CheckpointError, MiniGPT2Error
     from minigpt2.config import preset_key
     from minigpt2.trainer import find_resume_checkpoint
 
@@ -45,10 +47,15 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     resumed = find_resume_checkpoint(config.resume, Path(config.out))
     if resumed is not None:
         saved = {k: v for k, v in read_saved_config(resumed).items() if k not in ("resume", "overwrite")}
+        try:
+            run = dataclass_from_flags(TrainConfig, argparse.Namespace(), saved)  # the checkpoint's settings alone
+        except MiniGPT2Error as exc:
+            raise CheckpointError(f"{resumed / STATE_JSON}: damaged settings ({exc}); resume from another "
+                                  "checkpoint") from None
         config = dataclass_from_flags(TrainConfig, args, {**saved, **from_file})
     # A preset only shapes a new random model; anywhere else it would be ignored without a word.
     if args.model_preset is not None and resumed is not None:
-        shape = saved["model_preset"] if saved["init"] == "scratch" else f"the model it started from ({saved['init']})"
+        shape = run.model_preset if run.init == "scratch" else f"the model it started from ({run.init})"
         if preset_key(args.model_preset) != preset_key(shape):  # the resume hint repeats the run's own preset
             parser.error(f"--model_preset {args.model_preset}: the run resumed from {resumed} has the shape of "
                          f"{shape}, which its checkpoint keeps; drop --model_preset")
@@ -56,8 +63,8 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
         parser.error(f"--model_preset shapes a new model (--init scratch); --init {config.init} loads a model that "
                      "has its own shape: drop --model_preset, or use --init scratch")
     # A resumed run continues from its checkpoint, whatever --init says: another model there would be ignored.
-    if args.init is not None and resumed is not None and not _same_source(args.init, saved["init"]):
-        parser.error(f"--init {args.init}: the run resumed from {resumed} started from {saved['init']} and goes on "
+    if args.init is not None and resumed is not None and not _same_source(args.init, run.init):
+        parser.error(f"--init {args.init}: the run resumed from {resumed} started from {run.init} and goes on "
                      "from its checkpoint; drop --init (or use --init alone, without --resume, to start a new run "
                      "from that model)")
     return config

@@ -3,6 +3,7 @@ stopping, signals, and train.py's command line. Models are tiny (2 layers, 64 wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -676,6 +677,22 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
     assert "--resume" in elsewhere and "--overwrite" in elsewhere
     assert tree(out) == before and tree(tmp_path / "other") == other_before and tree(saved_model) == tree(init_dir)
     assert not (tmp_path / "new").exists()
+
+
+def test_cli_resume_names_the_checkpoint_whose_settings_are_damaged(init_dir, prepared, tmp_path):
+    """A setting that no TrainConfig has (a hand edit, or a newer version's file) in the checkpoint resumed from is
+    reported against that checkpoint's file, not as if the user had mistyped a flag."""
+    out = tmp_path / "run"
+    checkpoint = Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2)).train().last_checkpoint
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["bogus"] = 1
+    state_file.write_text(json.dumps(state))
+    done = run_cli("--out", out, "--resume", "auto", "--device", "cpu")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {state_file}: damaged settings (unknown setting 'bogus'; known settings: "
+        f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}); resume from another checkpoint"]
 
 
 def test_cli_resume_keeps_the_checkpoints_shape(init_dir, prepared, tmp_path):
