@@ -38,6 +38,7 @@ def _optional(convert: Callable[[str], typing.Any]) -> Callable[[str], typing.An
     def parse(text: str) -> typing.Any:
         return None if text.strip().lower() == "none" else convert(text)
 
+    parse.__name__ = convert.__name__  # argparse names the type in its message: "invalid int value: 'x'"
     return parse
 
 
@@ -46,7 +47,11 @@ def _early_stopping(text: str) -> bool | str:
 
 
 def _token_ids(text: str) -> int | list[int]:
-    ids = [int(part) for part in text.split(",")]
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token id, or ids separated by single commas (e.g. 50256,198), "
+                                         f"or none; got {text!r}") from None
     return ids[0] if len(ids) == 1 else ids
 
 
@@ -103,9 +108,13 @@ def read_prompt(args: argparse.Namespace) -> str:
     else:
         raise ConfigError("no prompt: pass --prompt TEXT or --prompt_file PATH")
     if not prompt.strip():
-        where = f"--prompt_file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
-        raise ConfigError(f"{where}: the prompt is empty; give some text to continue")
+        raise ConfigError(f"{prompt_flag(args)}: the prompt is empty; give some text to continue")
     return prompt
+
+
+def prompt_flag(args: argparse.Namespace) -> str:
+    """The flag that gave the prompt, for messages about it."""
+    return f"--prompt_file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
 
 
 def settings_from_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
@@ -224,6 +233,11 @@ def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str
     device = next(model.parameters()).device
     tok = Tokenizer()
     prompt_ids = torch.tensor([tok.encode(prompt)], device=device)
+    vocab, bad = model.config.vocab_size, int(prompt_ids.max())
+    if bad >= vocab:  # a checkpoint with a smaller vocabulary than GPT-2's tokenizer
+        raise ConfigError(f"{prompt_flag(args)}: token {tok.decode([bad])!r} (id {bad}) of the prompt is outside the "
+                          f"model's vocabulary of {vocab} tokens, smaller than GPT-2's tokenizer's; leave that text "
+                          "out of the prompt")
     if args.compare:
         compare(model, tok, prompt_ids, settings, samples or 1, args.seed)
     elif args.stream:

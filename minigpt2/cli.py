@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
+import os
 import signal
 import sys
 import types
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -196,13 +199,33 @@ def _terminate(signum: int, frame: types.FrameType | None) -> None:
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
     """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, warnings into
     `warning: ...` lines, and SIGTERM into a clean exit (status 143) like Ctrl-C's (130). Training catches both
-    signals itself while it trains, to save a checkpoint first."""
+    signals itself while it trains, to save a checkpoint first.
+
+    An OSError about a path (a folder the user cannot enter, a name too long for the file system) is a user error
+    too, whichever check met it first: one line naming the path. Output piped into a reader that has gone away
+    (`| head`) ends the command quietly, as it ends a Unix tool.
+    """
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     default_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
+        sys.stdout.flush()  # here, where a reader gone away is caught, rather than at the interpreter's exit
+    except BrokenPipeError:
+        # Python's recipe (docs of the signal module, "Note on SIGPIPE"): point stdout at /dev/null, so that the
+        # interpreter's final flush of what is still buffered does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # 141 = 128 + SIGPIPE, what a shell reports for a Unix tool that SIGPIPE ended (`yes | head`): a pipeline
+        # under `set -o pipefail` sees the same status from this command as from any other.
+        sys.exit(EXIT_BROKEN_PIPE)
     except MiniGPT2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, which keeps its traceback
+            raise
+        fix = "free some space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its " \
+            "permissions"
+        print(f"error: {exc.filename}: {exc.strerror or exc}; {fix}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

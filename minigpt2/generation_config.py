@@ -15,9 +15,9 @@ The decoding strategy follows from three settings, as in transformers:
     num_beams  > 1, do_sample False  -> beam search: keep the num_beams best partial sequences
     num_beams  > 1, do_sample True   -> beam search whose candidates are sampled instead of taken best-first
 
-`validate()` rejects settings that cannot mean anything (temperature 0 with sampling, top_p 1.5, ...) with a
-SettingError (a ConfigError) naming the setting; `STRATEGIES` holds the named presets that `sample.py --strategy`
-offers.
+`validate()` rejects settings that cannot mean anything (temperature 0 with sampling, top_p 1.5, ...), or whose
+arithmetic overflows float32 (a temperature of 1e-40), with a SettingError (a ConfigError) naming the setting;
+`STRATEGIES` holds the named presets that `sample.py --strategy` offers.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ from .config import EOT_ID, CheckpointConfigError
 from .errors import ConfigError
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: scores are float32
+# A score divided by a temperature or repetition penalty below MIN_DIVISOR can overflow to inf, and a softmax over
+# inf is NaN, which sampling cannot draw from (transformers fails there too: "probability tensor contains either inf,
+# nan"). The bound keeps scores up to 3e8 finite, far beyond any GPT-2's logits; a smaller value would change nothing
+# anyway, as sampling at 1e-30 already picks the most likely token.
+MIN_DIVISOR = 1e-30
 
 # Settings of transformers' GenerationConfig (5.24) that minigpt2 does not implement, each with the value at which it
 # has no effect (None, "not set", always has none). Older transformers wrote every setting into
@@ -227,16 +233,28 @@ class GenerationConfig:
         if self.do_sample:
             need(_is_number(self.temperature) and self.temperature > 0, "temperature",
                  "must be finite and > 0 when sampling (for deterministic output use do_sample=False)")
+            need(self.temperature >= MIN_DIVISOR, "temperature", f"is too small: the logits divided by it can "
+                 f"overflow float32; use at least {MIN_DIVISOR:g} (for the most likely tokens use do_sample=False)")
         need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
         need(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 disables it)")
         need(self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1), "min_p", "must be in [0, 1]")
         need(_is_number(self.typical_p) and 0 < self.typical_p <= 1, "typical_p", "must be in (0, 1] (1 disables it)")
         need(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
              "must be finite and > 0 (1 disables it, > 1 discourages repeats)")
+        need(self.repetition_penalty >= MIN_DIVISOR, "repetition_penalty", f"is too small: the logits divided by "
+             f"it can overflow float32; use at least {MIN_DIVISOR:g}")
         need(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
              "must be an integer >= 0 (0 disables it)")
         need(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "must be an integer >= 1")
         need(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
+        # Beam search divides float32 scores by new_length ** length_penalty, for every length up to the longest
+        # (an upper bound here: the prompt's length is not known yet); past float32's range that is a division by
+        # inf or 0, and past a Python float's, an OverflowError.
+        longest = self.max_new_tokens or self.max_length or DEFAULT_NEW_TOKENS
+        if self.num_beams > 1 and longest > 1:
+            limit = math.floor(math.log(FLOAT32_MAX) / math.log(longest) * 100) / 100  # rounded down, so safe as shown
+            need(abs(self.length_penalty) <= limit, "length_penalty", f"length ** length_penalty leaves float32's "
+                 f"range for hypotheses of up to {longest} new tokens; use a value between -{limit:g} and {limit:g}")
         # `1 in (True, False)` is true in Python, so integers are refused explicitly
         need(self.early_stopping in (True, False, "never") and not _is_int(self.early_stopping),
              "early_stopping", "must be True, False or 'never'")

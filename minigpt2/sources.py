@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -268,9 +269,13 @@ class Source:
                 yield self._field(record, file, number)
 
     def _csv_rows(self, file: SourceFile) -> Iterator[str]:
+        """The `csv_column` cell of each row. A quoted field may span lines, so a stray '"' would swallow every row
+        after it into one cell; strict parsing refuses that (and text after a closing quote) instead."""
         # csv refuses fields over 128 KiB by default; a document can be longer than that.
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        rows = csv.reader(line for _, line in self._lines(file))
+        lines = (line for _, line in self._lines(file))
+        rows = csv.reader(lines, strict=True)
+        start = 1  # the line on which the row being read starts: where a quote that is never closed was opened
         try:
             header = next(rows, None)
             if header is None:
@@ -280,15 +285,22 @@ class Source:
                 raise PrepareOptionError(f"{file.path}: no column {self.csv_column!r} in the header row (columns: "
                                          f"{columns}); pass --csv-column NAME", "--csv-column")
             index = header.index(self.csv_column)
+            start = rows.line_num + 1
             for row in rows:
-                if not row:
-                    continue  # a blank line
-                if index >= len(row):
-                    raise DataError(f"{file.path}:{rows.line_num}: the row has {len(row)} fields but the header has "
-                                    f"{len(header)}; fix that row")
-                yield row[index]
+                if row:  # an empty row is a blank line
+                    if index >= len(row):
+                        raise DataError(f"{file.path}:{rows.line_num}: the row has {len(row)} fields but the header "
+                                        f"has {len(header)}; fix that row")
+                    yield row[index]
+                start = rows.line_num + 1
         except csv.Error as exc:
-            raise DataError(f"{file.path}:{rows.line_num}: malformed CSV ({exc}); fix that row") from None
+            if inspect.getgeneratorstate(lines) == inspect.GEN_CLOSED:  # the file ended inside a quoted field
+                raise DataError(f"{file.path}:{start}: a quoted field that starts in this row is never closed, so "
+                                "it would take in every line after it; fix the stray '\"', or write a quote inside "
+                                "a quoted field as '\"\"'") from None
+            spans = f" (in the row that starts on line {start})" if start < rows.line_num else ""
+            raise DataError(f"{file.path}:{rows.line_num}: malformed CSV ({exc}){spans}; fix that row, and any stray "
+                            "'\"' in it") from None
 
     def _field(self, record: Any, file: SourceFile, line: int) -> str:
         """The text of a JSON record, with a message that says how to fix a record without it."""

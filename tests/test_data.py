@@ -165,6 +165,10 @@ def test_json_list_streams_in_small_blocks(tmp_path, monkeypatch):
     ("surrogate.jsonl", '{"text": "a\\ud800b"}', {}, r"lone surrogate"),
     ("nocol.csv", "a,b\n1,2\n", {}, r"nocol\.csv: no column 'text' in the header row \(columns: 'a', 'b'\)"),
     ("short.csv", "a,text\n1\n", {}, r"short\.csv:2: the row has 1 fields"),
+    ("unclosed.csv", 'text\na\n"b\nc\n', {}, r"unclosed\.csv:3: a quoted field that starts in this row is never "
+                                             r"closed, so it would take in every line after it; fix the stray '\"'"),
+    ("closed_later.csv", 'text\na\n"b\nc "d" e\n', {}, r"closed_later\.csv:4: malformed CSV \(',' expected after "
+                                                      r"'\"'\) \(in the row that starts on line 3\)"),
     ("latin.txt", b"ok\ncaf\xe9\n", {}, r"latin\.txt: invalid UTF-8 byte b'\\xe9' at byte offset 6"),
     ("utf16.txt", "hi".encode("utf-16"), {}, r"utf16\.txt is not text: NUL byte at byte offset 3"),
     ("image.png", b"\x89PNG", {}, r"image\.png: unsupported file type '\.png'"),
@@ -538,6 +542,31 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, [str(a) for a in argv])
     return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_refuses_a_csv_whose_stray_quote_would_merge_rows(tmp_path, capsys):
+    """A '"' opening data row 11 of 100 and never closed would make rows 11-100 one document; the command names
+    the line where the quote opens (the header is line 1) and writes nothing."""
+    rows = [f"row number {i}" for i in range(1, 101)]
+    rows[10] = '"' + rows[10]
+    table = write(tmp_path / "t.csv", "text\n" + "\n".join(rows) + "\n")
+    code, err = run_cli([table, "--out", tmp_path / "out", "--quiet"], capsys)
+    assert (code, err) == (2, f"error: {table}:12: a quoted field that starts in this row is never closed, so it "
+                              "would take in every line after it; fix the stray '\"', or write a quote inside a "
+                              "quoted field as '\"\"'\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_a_path_the_system_refuses(tmp_path, capsys):
+    """A path component over 255 bytes makes the first check that touches it raise OSError (as a folder the user
+    cannot enter does); INPUT and --out are each named in one line, not in a traceback."""
+    source = write(tmp_path / "a.txt", "alpha\n\nbeta\n")
+    long = tmp_path / ("x" * 300)
+    for argv, named in [([long / "in.txt", "--out", tmp_path / "out"], long / "in.txt"),
+                        ([source, "--out", long / "out"], long / "out")]:
+        assert run_cli(argv, capsys) == (2, f"error: {named}: File name too long; check the path and its "
+                                            "permissions\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_to_replace_a_prepared_dataset(tmp_path, capsys):

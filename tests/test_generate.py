@@ -502,6 +502,34 @@ def test_invalid_settings_raise_value_error_naming_the_setting(pair, settings, n
         ours.generate(ids, **settings)
 
 
+@pytest.mark.parametrize(("settings", "name"), [
+    (dict(do_sample=True, temperature=1e-40), "temperature"),  # logits / temperature overflow: softmax of inf is NaN
+    (dict(do_sample=True, temperature=1e-40, num_beams=3), "temperature"),
+    (dict(do_sample=True, repetition_penalty=1e-40), "repetition_penalty"),  # positive logits / penalty overflow
+    (dict(num_beams=3, length_penalty=1000.0, max_new_tokens=5), "length_penalty"),  # 5 ** 1000: OverflowError
+    (dict(num_beams=3, length_penalty=-1000.0, max_new_tokens=5), "length_penalty"),  # 5 ** -1000 is 0 in float32
+])
+def test_settings_that_overflow_float32_are_refused_by_name(pair, settings, name):
+    """transformers fails on these with a RuntimeError or OverflowError from deep inside generate()."""
+    ours, _ = pair
+    ids, _ = prompts(26)
+    with pytest.raises(SettingError) as error:
+        ours.generate(ids, **settings)
+    assert error.value.name == name and "float32" in error.value.why
+
+
+def test_the_float32_bounds_still_admit_what_works(pair):
+    """Just inside the bounds generation matches transformers; length_penalty's bound follows the longest length
+    (log(float32 max) / log(5) = 55.12... for 5 new tokens) and applies to beam search only, which uses it."""
+    ids, _ = prompts(27)
+    assert_same(pair, ids, seed=0, do_sample=True, temperature=1e-30, top_k=0, max_new_tokens=5)
+    assert_same(pair, ids, num_beams=3, length_penalty=55.12, max_new_tokens=5)
+    assert_same(pair, ids, num_beams=3, length_penalty=-55.12, max_new_tokens=5)
+    with pytest.raises(SettingError, match="up to 5 new tokens; use a value between -55.12 and 55.12"):
+        GenerationConfig.from_kwargs(num_beams=3, length_penalty=55.13, max_new_tokens=5)
+    assert GenerationConfig.from_kwargs(length_penalty=1000.0, max_new_tokens=5).length_penalty == 1000.0
+
+
 def test_invalid_inputs_raise_value_error(pair):
     ours, _ = pair
     with pytest.raises(ValueError, match="empty"):

@@ -208,6 +208,17 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--do_sample", "true", "--temperature", "inf"], "--temperature inf: must be finite"),
     (["--prompt", "x", "--repetition_penalty", "inf"], "--repetition_penalty inf: must be finite"),
     (["--prompt", "x", "--num_beams", "2", "--length_penalty", "nan"], "--length_penalty nan: must be a finite"),
+    (["--prompt", "x", "--do_sample", "true", "--temperature", "1e-40"], "--temperature 1e-40: is too small: the "
+                                                                         "logits divided by it can overflow float32"),
+    (["--prompt", "x", "--do_sample", "true", "--num_beams", "3", "--temperature", "1e-40"], "--temperature 1e-40: "
+                                                                                             "is too small"),
+    (["--prompt", "x", "--num_beams", "3", "--length_penalty", "1000", "--max_new_tokens", "5"],
+     "--length_penalty 1000.0: length ** length_penalty leaves float32's range for hypotheses of up to 5 new tokens"),
+    (["--prompt", "x", "--eos_token_id", "1,,2"], "argument --eos_token_id/--eos-token-id: expected a token id, or "
+                                                  "ids separated by single commas (e.g. 50256,198), or none; got "
+                                                  "'1,,2'"),
+    (["--prompt", "x", "--max_new_tokens", "abc"], "argument --max_new_tokens/--max-new-tokens: invalid int value: "
+                                                   "'abc'"),
     (["--prompt", "x", "--num_samples", "3"], "--num_samples 3: greedy search gives one sequence"),
     (["--prompt", "x", "--num_samples", "3", "--num-return-sequences", "2"], "--num_samples 3 and "
                                                                               "--num_return_sequences 2 disagree"),
@@ -222,6 +233,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "   "], "prompt is empty"),
     (["--prompt_file", "{missing}"], "no such file"),
     (["--prompt_file", "{tmp}"], "is a directory; pass a text file"),
+    (["--model", "{long}/m", "--prompt", "x"], "{long}/m: File name too long; check the path and its permissions"),
+    (["--prompt_file", "{long}"], "File name too long"),
     ([], "no prompt"),
     (["--prompt", "x", "--max_new_tokens", "500"], "--max_new_tokens 500: makes 501 tokens with the prompt, more "
                                                     "than the model's context of 128 positions"),
@@ -232,12 +245,24 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--seed", "-1"], "--seed: must be between 0 and 2**64 - 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
-    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    # A path component over 255 bytes: an OSError from the first check that touches it (even for root)
+    places = dict(missing=tmp_path / "missing", tmp=tmp_path, long=tmp_path / ("x" * 300))
+    argv = [a.format(**places) for a in argv]
     if "--model" not in argv:
         argv = ["--model", model_dir, *argv]
     code, out, err = run(argv, capsys)
     assert code == 2
-    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message.format(**places) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_prompt_outside_a_small_vocabulary_is_named(hf_checkpoint, capsys):
+    """A checkpoint with fewer tokens than GPT-2's tokenizer: the message speaks of the prompt, not of input_ids."""
+    small = hf_checkpoint(vocab_size=300)
+    capsys.readouterr()  # transformers' progress bar of saving it
+    code, out, err = run(["--model", small, "--prompt", "hi"], capsys)
+    assert (code, out) == (2, "")
+    assert err == ("error: --prompt: token 'hi' (id 5303) of the prompt is outside the model's vocabulary of 300 "
+                   "tokens, smaller than GPT-2's tokenizer's; leave that text out of the prompt\n")
 
 
 def test_a_byte_order_mark_is_not_part_of_the_prompt(model_dir, capsys, tmp_path):
@@ -305,6 +330,19 @@ def test_script_exits_2_without_traceback(tmp_path):
                              "x"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(model_dir):
+    """`sample.py ... | head -c 1`, here with the pipe closed before sample.py writes to it (as by `| true`). The
+    command ends as a Unix tool does: status 141, no traceback, no "Exception ignored" from the last flush."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "x", "--do_sample", "true",
+               "--num_samples", "30", "--max_new_tokens", "40"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT) as process:
+        process.stdout.close()  # the reader is gone before the first write (loading torch alone takes longer)
+        err = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert (code, err) == (141, "")
 
 
 def test_warnings_of_a_command_are_one_line():
