@@ -202,7 +202,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     signals itself while it trains, to save a checkpoint first.
 
     An OSError about a path (a folder the user cannot enter, a name too long for the file system) is a user error
-    too, whichever check met it first: one line naming the path. Output piped into a reader that has gone away
+    too, whichever check met it first: one line naming the path; so is running out of memory. Output piped into a reader that has gone away
     (`| head`) ends the command quietly, as it ends a Unix tool.
     """
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
@@ -226,6 +226,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         fix = "free some space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its " \
             "permissions"
         print(f"error: {exc.filename}: {exc.strerror or exc}; {fix}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except MemoryError as exc:  # sizes beyond this machine (a batch of 10^11 rows): the user's to change
+        print(f"error: out of memory ({exc or 'an allocation failed'}); use smaller sizes (batch, sequence length, "
+              "beams, ...)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -695,6 +695,16 @@ def test_cli_resume_names_the_checkpoint_whose_settings_are_damaged(init_dir, pr
         f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}); resume from another checkpoint"]
 
 
+def test_cli_sizes_beyond_memory_are_one_line(init_dir, prepared, tmp_path):
+    """A batch of 10^11 rows cannot be allocated anywhere: one line saying so and how to fix it, not numpy's
+    traceback."""
+    done = run_cli("--init", init_dir, "--data", prepared, "--out", tmp_path / "huge", "--block_size", 32,
+                   "--grad_accum", 10**11, "--max_steps", 1, "--device", "cpu", "--progress", "false")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: out of memory (Unable to allocate ")
+    assert done.stderr.strip().splitlines()[-1].endswith("; use smaller sizes (batch, sequence length, beams, ...)")
+
+
 def test_cli_resume_keeps_the_checkpoints_shape(init_dir, prepared, tmp_path):
     """Resuming a scratch run: its own preset (as the resume hint repeats it, in either spelling) is accepted,
     another is refused rather than ignored; so is any preset for a run that started from a loaded model, even with
