@@ -134,7 +134,7 @@ def load_training_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         tensors = load_tensors(path / STATE_TENSORS)
     except OSError as exc:
-        raise _unreadable(path / STATE_TENSORS, exc) from None
+        raise unreadable(path / STATE_TENSORS, exc, "resume from another checkpoint") from None
     except SafetensorError as exc:
         raise _damaged(path / STATE_TENSORS, f"not a safetensors file: {exc}") from None
     try:
@@ -156,7 +156,7 @@ def _read_state_json(checkpoint: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise _unreadable(file, exc) from None
+        raise unreadable(file, exc, "resume from another checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _damaged(file, f"invalid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -239,10 +239,12 @@ def _damaged(file: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{file}: damaged ({what}); resume from another checkpoint")
 
 
-def _unreadable(file: Path, exc: OSError) -> CheckpointError:
-    """The error for a training state file that cannot be opened or read: its contents may be fine."""
-    return CheckpointError(f"{file}: cannot be read ({exc.strerror or exc}); fix its permissions so that you can "
-                           "read it, or resume from another checkpoint")
+def unreadable(file: Path, exc: OSError, otherwise: str) -> CheckpointError:
+    """The error for a checkpoint file that exists but cannot be opened or read. Its contents may be fine, so the
+    fix is never to delete it: for a permission error, to make it readable; `otherwise` says the other way out."""
+    fix = "fix its permissions so that you can read it" if isinstance(exc, PermissionError) else \
+        "check the file and its disk"
+    return CheckpointError(f"{file}: cannot be read ({exc.strerror or exc}); {fix}, or {otherwise}")
 
 
 def load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .atomic import removed_if_failed, staging_path
-from .checkpoint import latest_checkpoint, load_tensors
+from .checkpoint import latest_checkpoint, load_tensors, unreadable
 from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
 from .generation_config import GenerationConfig
@@ -129,7 +129,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         try:
             loaded = load_tensors(file)
         except OSError as exc:  # a file we cannot open is not corrupt: the advice below would delete it
-            raise _unreadable(file, exc) from None
+            raise unreadable(file, exc, "copy the checkpoint again") from None
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); the download or copy is "
                                   "probably corrupted: delete it and download or save again") from None
@@ -147,23 +147,13 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise _unreadable(file, exc) from None
+        raise unreadable(file, exc, "copy the checkpoint again") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: invalid JSON ({exc}); restore the file or save the model again") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: holds a JSON {type(data).__name__}, not an object of settings; restore the "
                               "file or save the model again")
     return data
-
-
-def _unreadable(file: Path, exc: OSError) -> CheckpointError:
-    """The error for a checkpoint file that exists but cannot be opened or read. Its contents may be fine, so the
-    fix is never to delete it: for a permission error, to make it readable."""
-    reason = exc.strerror or str(exc)
-    if isinstance(exc, PermissionError):
-        return CheckpointError(f"{file}: cannot be read ({reason}); fix its permissions so that you can read it")
-    return CheckpointError(f"{file}: cannot be read ({reason}); check the file and its disk, or copy the checkpoint "
-                           "again")
 
 
 def generation_settings_file(directory: Path) -> Path:
