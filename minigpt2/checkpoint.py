@@ -49,6 +49,11 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a checkpoint directory named by checkpoint_name."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True if `path` is a complete training checkpoint (model files and training state)."""
     path = Path(path)
@@ -60,8 +65,8 @@ def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and is_checkpoint(p)]
-    return [path for _, path in sorted(found)]
+    found = [p for p in out.iterdir() if _NAME.match(p.name) and is_checkpoint(p)]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:

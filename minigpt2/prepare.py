@@ -248,6 +248,13 @@ def _check_block_size(shortest: int, block_size: int, source: Path, val_fraction
                         f"{val_fraction}); add text or use a smaller block size")
 
 
+def _check_prepared_block_size(meta: dict[str, Any], block_size: int, path: Path) -> None:
+    """_check_block_size for a dataset already prepared in `path`, from its meta.json."""
+    counts = meta["counts"]
+    _check_block_size(min(counts["train_tokens"], counts["val_tokens"]), block_size, path,
+                      meta["options"]["val_fraction"])
+
+
 def _describe_source(reader: Source) -> dict[str, Any]:
     """Where the data came from: every file's size and sha256, and one sha256 over all of them."""
     overall = hashlib.sha256()
@@ -323,9 +330,7 @@ def ensure_prepared(data: str | os.PathLike[str], cache_dir: str | os.PathLike[s
             prepare_dataset(data, path, block_size=block_size, **options)
             return path
     if block_size is not None:
-        meta = PreparedDataset(path).meta
-        _check_block_size(min(meta["counts"]["train_tokens"], meta["counts"]["val_tokens"]), block_size, path,
-                          meta["options"]["val_fraction"])
+        _check_prepared_block_size(PreparedDataset(path).meta, block_size, path)
     return path
 
 
@@ -439,9 +444,7 @@ def _build_bundled_corpus(out: Path, options: dict[str, Any], checks: dict[str, 
             raise ConfigError(f"--out {out} holds the bundled corpus built with {was}, not {asked}; pass --overwrite "
                               f"to build it again with {asked}")
         if checks["block_size"] is not None:
-            counts = meta["counts"]
-            _check_block_size(min(counts["train_tokens"], counts["val_tokens"]), checks["block_size"], out,
-                              built["val_fraction"])
+            _check_prepared_block_size(meta, checks["block_size"], out)
         print(f"the bundled corpus is already built in {out} ({meta['counts']['tokens']:,} tokens); pass "
               "--overwrite to build it again", file=sys.stderr)
         return 0

@@ -174,7 +174,7 @@ class Trainer:
         self.later_checkpoints: list[Path] = []
         if self.folder.continues:
             self.later_checkpoints = [path for path in ckpt.list_checkpoints(self.out)
-                                      if int(path.name[len(ckpt.PREFIX):]) > int(state["step"])]
+                                      if ckpt.checkpoint_step(path) > int(state["step"])]
         if self.later_checkpoints and self.dist.is_main and not config.overwrite:
             raise ConfigError(f"--resume {config.resume}: {self.out} holds later checkpoints of this run (up to "
                               f"{self.later_checkpoints[-1].name}); pass --overwrite to train on from step "
