@@ -3,7 +3,8 @@
 #   1. the tests that pick CUDA when it is there: the Triton kernel's (tests/test_kernels.py) and the decoding
 #      step's against the module forward and transformers (tests/test_decode_step.py),
 #   2. benchmarks/attention.py: the kernel's TFLOP/s against SDPA's flash backend, T = 1024 and 2048,
-#   3. benchmarks/train.py: gpt2 124M training steps, bf16, compiled, batch 16 x 1024, with SDPA and with the
+#   3. benchmarks/step_parts.py: the head and loss, and the optimizer update, timed alone against alternatives,
+#   4. benchmarks/train.py: gpt2 124M training steps, bf16, compiled, batch 16 x 1024, with SDPA and with the
 #      Triton attention, against transformers, and MFU against the card's bf16 peak (dropout 0, the usual setting
 #      for MFU figures, and the one the kernel needs).
 # Each part's output goes to its own log in $OUT (or ./gpu-logs), written as it runs, so a part cut short by a
@@ -11,9 +12,10 @@
 # parts that failed. It runs on the machine's own python3 and packages (torch, triton, transformers); minigpt2
 # is used from this checkout.
 #
-#   bash benchmarks/gpu.sh            all three in 9.5 minutes at most, so the whole run fits one 10-minute device
-#                                     call: the tests and the attention benchmark are cut at 2 minutes each, and
-#                                     the training benchmark gets what is left (GPU_SH_SECONDS=570 in all)
+#   bash benchmarks/gpu.sh            all four in 9.5 minutes at most, so the whole run fits one 10-minute device
+#                                     call: the tests are cut at 110 s, the attention benchmark at 90 s, the
+#                                     parts at 60 s, and the training benchmark gets what is left
+#                                     (GPU_SH_SECONDS=570 in all)
 #   bash benchmarks/gpu.sh train      some of them (a part cut short can be rerun alone)
 # The tests run in 8 processes (pytest-xdist, when installed): most of their time is Triton compiling each
 # kernel variant for every autotuning candidate, one CPU core per compile.
@@ -24,7 +26,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests attention train)
+[ ${#parts[@]} -eq 0 ] && parts=(tests attention parts train)
 
 run() {  # run NAME SECONDS COMMAND...: COMMAND's output to the screen and to $out/NAME.log
     local name=$1 seconds=$2
@@ -51,13 +53,14 @@ python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 failed=0
 for part in "${parts[@]}"; do
     case "$part" in
-        tests) run tests "$(left 120)" python3 -m pytest -q -p no:cacheprovider --durations=5 ${xdist[@]+"${xdist[@]}"} \
+        tests) run tests "$(left 110)" python3 -m pytest -q -p no:cacheprovider --durations=5 ${xdist[@]+"${xdist[@]}"} \
                    tests/test_kernels.py tests/test_decode_step.py || failed=$((failed + 1)) ;;
-        attention) run attention "$(left 120)" python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
+        attention) run attention "$(left 90)" python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
+        parts) run parts "$(left 60)" python3 benchmarks/step_parts.py --device cuda || failed=$((failed + 1)) ;;
         train) run train "$(left 570)" python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
                    --compile --dropout 0 --attn_impls sdpa,triton --skip_classic --steps 10 --warmup 2 --profile \
                    || failed=$((failed + 1)) ;;
-        *) echo "benchmarks/gpu.sh: unknown part '$part' (tests, attention, train)" >&2; exit 2 ;;
+        *) echo "benchmarks/gpu.sh: unknown part '$part' (tests, attention, parts, train)" >&2; exit 2 ;;
     esac
 done
 echo "benchmarks/gpu.sh: ${#parts[@]} parts, $failed failed; logs in $out/"

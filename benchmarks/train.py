@@ -102,11 +102,20 @@ def our_trainer(checkpoint: str, corpus: Path, out: Path, batch: int, seq: int, 
 
 
 def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each contender, steps interleaved."""
-    for name, step in contenders.items():
+    """Median seconds per step of each contender, steps interleaved.
+
+    A contender whose warm-up raises is reported and left out, so that one broken path (a kernel that fails on this
+    GPU, say) does not cost the others' figures.
+    """
+    for name, step in list(contenders.items()):
         start = time.perf_counter()
-        for _ in range(warmup):
-            step()
+        try:
+            for _ in range(warmup):
+                step()
+        except Exception as error:  # noqa: BLE001 - any failure: report it, race the rest
+            print(f"      {name} failed in its warm-up and is left out: {type(error).__name__}: {error}", flush=True)
+            del contenders[name]
+            continue
         print(f"      warm-up of {name}: {time.perf_counter() - start:.1f} s ({warmup} steps, compiling if asked)",
               flush=True)
     times = {name: [] for name in contenders}
@@ -210,19 +219,20 @@ def main() -> None:
                             "transformers + torch AdamW(fused)": fused.step}, args.steps, args.warmup)
             peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, args.device,
                                8192 if args.device.startswith("cuda") else 2048)
-            first = seconds[next(iter(ours))]
+            raced = [label for label in ours if label in seconds]
+            first = seconds[raced[0]]
             for contender, s in seconds.items():
                 mfu = tokens_per_step * flops_per_token / s / peak
                 print(f"{dtype:<6}{contender:<42}{tokens_per_step / s:>10,.0f}{s / first:>18.2f}x{mfu:>8.1%}")
             print(f"{'':<6}MFU against the measured {dtype} matmul peak of {peak / 1e12:.2f} TFLOP/s")
             nominal = next((v for k, v in NOMINAL_BF16_PEAK.items() if k in name), None)
             if nominal and dtype == "bf16":
-                for label in ours:
+                for label in raced:
                     ours_flops = tokens_per_step * flops_per_token / seconds[label]
                     print(f"{'':<6}{label} MFU vs {name}'s nominal bf16 peak ({nominal / 1e12:.0f} TFLOP/s): "
                           f"{ours_flops / nominal:.1%}")
             if args.profile:
-                profile(next(iter(ours.values())).train_step, args.device)
+                profile(ours[raced[0]].train_step, args.device)
             del ours, theirs, fused
 
         if not args.skip_classic:

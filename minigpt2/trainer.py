@@ -425,10 +425,12 @@ class Trainer:
         if self.dist.enabled:
             dist.all_reduce(shared)
             shared[0] /= self.dist.world_size
-        loss, stop = shared.tolist()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = grad_norm(self.raw_model.parameters()).item()  # the same in every process: grads are averaged
+        norm = grad_norm(self.raw_model.parameters())  # the same in every process: grads are averaged
+        # One copy to the host for the three numbers: each copy waits for the GPU to finish, leaving it idle
+        # until the next work is queued.
+        loss, stop, norm = torch.cat([shared, norm.to(shared.device).reshape(1)]).tolist()
         factor = clip_factor(norm, cfg.grad_clip) if cfg.grad_clip > 0 else None
         finite = math.isfinite(loss) and math.isfinite(norm)
         if self.scaler is not None:

@@ -1,0 +1,133 @@
+"""Two parts of a gpt2 training step timed alone, each against the alternative that could replace it.
+
+    python benchmarks/step_parts.py                  CPU, a small batch
+    python benchmarks/step_parts.py --device cuda    a GPU, 16 x 1,024 tokens as in the MFU benchmark
+
+1. The tied head and the loss, forward and backward, bf16 autocast, compiled as the trainer compiles them: logits
+   over the 50,257-token vocabulary, as the model computes them, against a table padded with zero rows to a
+   multiple of 64 and a view of the real columns. A row of 50,257 bf16 logits does not start on a 16-byte
+   boundary, and matmul libraries have faster kernels for aligned rows (nanoGPT pads its vocabulary for this).
+   The matmul of the forward is also timed alone, uncompiled, in both layouts.
+2. One optimizer update of gpt2's 124M fp32 parameters, clipping included: minigpt2's grad_norm + AdamW with the
+   clipping factor folded in, against clip_grad_norm_ + torch.optim.AdamW (foreach, and fused).
+
+Each time is the median of `--repeats` runs after warm-up, in ms (CUDA events on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
+
+LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def head_and_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        logits = F.linear(hidden, weight)  # (N, C) @ (C, V) -> (N, V)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def padded_head_and_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    vocab = weight.shape[0]
+    padded = F.pad(weight, (0, 0, 0, -vocab % 64))  # (V, C) -> (V_pad, C), zero rows
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        logits = F.linear(hidden, padded)[:, :vocab]  # (N, V_pad) -> a (N, V) view, rows V_pad apart
+    return F.cross_entropy(logits.float(), targets)
+
+
+def time_head(device: str, tokens: int, repeats: int) -> None:
+    config = GPTConfig.from_preset("gpt2")
+    weight = (torch.randn(config.vocab_size, config.n_embd, device=device) * 0.02).requires_grad_()
+    hidden = torch.randn(tokens, config.n_embd, device=device, requires_grad=True)
+    targets = torch.randint(config.vocab_size, (tokens,), device=device)
+    print(f"head + loss, {tokens} tokens x {config.n_embd} -> {config.vocab_size} (padded: "
+          f"{config.vocab_size + (-config.vocab_size % 64)}), bf16 autocast, ms:")
+    losses = {}
+    for name, fn in (("real vocabulary", head_and_loss), ("padded to 64", padded_head_and_loss)):
+        compiled = torch.compile(fn)
+
+        def step(compiled=compiled) -> None:
+            compiled(hidden, weight, targets).backward()
+
+        losses[name] = compiled(hidden, weight, targets).item()
+        ms = median_ms(step, device, repeats)
+        print(f"  {name:<16} forward+backward compiled {ms:8.2f}")
+    print(f"  losses agree: {losses} (difference {abs(losses['real vocabulary'] - losses['padded to 64']):.2g})")
+    h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    w16_padded = F.pad(w16, (0, 0, 0, -config.vocab_size % 64))
+    plain = median_ms(lambda: h16 @ w16.T, device, repeats)
+    aligned = median_ms(lambda: h16 @ w16_padded.T, device, repeats)
+    print(f"  matmul alone, bf16: real {plain:.2f}, padded {aligned:.2f} ({plain / aligned:.2f}x)")
+
+
+def time_optimizer(device: str, repeats: int) -> None:
+    model = GPT(GPTConfig.from_preset("gpt2")).to(device)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    groups = param_groups(model, WEIGHT_DECAY)
+    plain_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    ours = AdamW(groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+    def our_update() -> None:
+        factor = clip_factor(grad_norm(params).item(), CLIP)
+        ours.step(grad_scale=factor)
+
+    contenders = {"minigpt2 AdamW (clip folded in)": our_update}
+    for label, kwargs in (("torch AdamW, foreach", dict(foreach=True)), ("torch AdamW, fused", dict(fused=True))):
+        theirs = torch.optim.AdamW(plain_groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **kwargs)
+
+        def their_update(theirs=theirs) -> None:
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+            theirs.step()
+
+        contenders[f"clip_grad_norm_ + {label}"] = their_update
+    numel = sum(p.numel() for p in params)
+    print(f"optimizer update of {numel / 1e6:.1f}M fp32 parameters ({len(params)} tensors), clipping to {CLIP}, ms:")
+    for label, fn in contenders.items():
+        print(f"  {label:<42} {median_ms(fn, device, repeats):8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, help="rows of the head (default: 16,384 on a GPU, 512 on a CPU)")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    tokens = args.tokens or (16384 if args.device == "cuda" else 512)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}")
+    time_head(args.device, tokens, args.repeats)
+    time_optimizer(args.device, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
