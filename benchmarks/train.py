@@ -127,23 +127,38 @@ def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def profile(step, device: str, steps: int = 3, rows: int = 15) -> None:
-    """Where a step's time goes: the operators (kernels, on a GPU) that took the most time over `steps` steps."""
+def profile(step, device: str, step_seconds: float, steps: int = 3, rows: int = 20) -> None:
+    """Where a step's time goes: the kernels (on a GPU) or operators (on a CPU) that took the most time.
+
+    On a GPU only the kernels themselves are summed: an operator's device time is that of the kernels it launched,
+    so adding operators and kernels would count each kernel twice. Their sum against the measured step time
+    (`step_seconds`, from the race) says how long the GPU sat idle waiting for the host.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    on_gpu = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync(device)
-    kind = "device" if device.startswith("cuda") else "cpu"
-    events = [e for e in prof.key_averages() if getattr(e, f"self_{kind}_time_total") > 0]
-    events.sort(key=lambda e: getattr(e, f"self_{kind}_time_total"), reverse=True)
-    total = sum(getattr(e, f"self_{kind}_time_total") for e in events)
-    print(f"      profile: {total / steps / 1e3:.2f} ms of {kind} time a step; the {rows} largest operators:")
-    for e in events[:rows]:
-        us = getattr(e, f"self_{kind}_time_total")
+    if on_gpu:
+        # Device-side events are kernels, copies and fills, plus the spans of annotated regions (an optimizer's
+        # step, a compiled region), which cover kernels already counted and the gaps between them.
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+                  and not getattr(e, "is_user_annotation", False)]
+        self_us = [e.self_device_time_total for e in events]
+    else:
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        self_us = [e.self_cpu_time_total for e in events]
+    ranked = sorted(zip(self_us, events), key=lambda pair: pair[0], reverse=True)
+    total = sum(self_us)
+    busy = f" ({total / steps / 1e6 / step_seconds:.0%} of the {step_seconds * 1e3:.2f} ms step)" if on_gpu else ""
+    what = "kernel" if on_gpu else "cpu"
+    print(f"      profile: {total / steps / 1e3:.2f} ms of {what} time a step{busy}; the {rows} largest:")
+    for us, e in ranked[:rows]:
         print(f"      {us / steps / 1e3:>8.2f} ms {us / total:>6.1%} {e.count // steps:>5}x  {e.key[:90]}")
 
 
@@ -232,7 +247,7 @@ def main() -> None:
                     print(f"{'':<6}{label} MFU vs {name}'s nominal bf16 peak ({nominal / 1e12:.0f} TFLOP/s): "
                           f"{ours_flops / nominal:.1%}")
             if args.profile:
-                profile(ours[raced[0]].train_step, args.device)
+                profile(ours[raced[0]].train_step, args.device, seconds[raced[0]])
             del ours, theirs, fused
 
         if not args.skip_classic:

@@ -281,8 +281,9 @@ class Trainer:
         cfg = self.config
         model.gradient_checkpointing = cfg.gradient_checkpointing
         # The tied table's gradient accumulated in place (tied_gradients.py: about 10% of a CPU fp32 step for
-        # gpt2); compile and DDP's gradient buckets need autograd to produce it, so they keep the plain path.
-        plain = cfg.compile or self.dist.enabled or not is_tied(model)
+        # gpt2); compile and DDP's gradient buckets need autograd to produce it, so they keep the plain path. It
+        # saves page faults, which a GPU's caching allocator does not take, and would bypass the GPU's aligned head.
+        plain = cfg.compile or self.dist.enabled or not is_tied(model) or self.device.type != "cpu"
         self.tied_gradient = None if plain else TiedGradient(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel

@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from minigpt2 import GPT, ConfigError, GPTConfig
 from minigpt2.kv_cache import KVCache
 from minigpt2.loss import lm_loss
-from minigpt2.model import dropout
+from minigpt2.model import ALIGNED_HEAD_MIN_ROWS, aligned_linear, dropout
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -117,6 +117,41 @@ def test_head_is_tied_and_dropout_only_in_training():
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("vocab", [100, 128])
+def test_aligned_linear_equals_the_plain_product_and_its_gradients(vocab):
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(vocab, 16, requires_grad=True)
+    x_ref, w_ref = (t.detach().clone().requires_grad_() for t in (x, w))
+    out = aligned_linear(x, w)
+    ref = x_ref @ w_ref.T
+    assert out.shape == (2, 5, vocab)
+    assert out.stride()[-2:] == (128, 1)  # rows a multiple of 64 apart: 100 -> 128, 128 unchanged
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the aligned head runs on CUDA only")
+def test_head_on_cuda_is_aligned_and_matches_transformers_with_gradients(hf_checkpoint):
+    path = hf_checkpoint(initializer_range=0.02)
+    ours = GPT.from_pretrained(path).cuda()
+    ref = GPT2LMHeadModel.from_pretrained(path).cuda().eval()
+    torch.manual_seed(7)
+    input_ids = torch.randint(0, 50257, (2, ALIGNED_HEAD_MIN_ROWS // 2), device="cuda")
+    logits = ours(input_ids)
+    expected = ref(input_ids, labels=input_ids)
+    assert logits.stride(-2) == 50304  # the aligned path was taken
+    assert max_rel_err(logits.detach(), expected.logits.detach()) <= 1e-4
+    lm_loss(logits[:, :-1], input_ids[:, 1:]).backward()
+    expected.loss.backward()
+    ours_grad, ref_grad = ours.transformer.wte.weight.grad, ref.transformer.wte.weight.grad
+    assert max_rel_err(ours_grad, ref_grad) <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
