@@ -33,12 +33,14 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so that preparing data does not load it
+    import torch
 
 FORMAT = "minigpt2-tokens/1"
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits: half the disk and page cache of int32
@@ -196,6 +198,8 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 

@@ -167,6 +167,13 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     for per_model in configs.values():
         for config in per_model.values():
             config.check_batch(len(encoded))
+    longest = max(len(p) for p in encoded)
+    for name, model in models.items():
+        positions = model.config.n_positions
+        if longest + max_new_tokens > positions:  # generate() would say so only after the perplexity pass
+            raise SettingError("max_new_tokens", max_new_tokens, f"makes {longest + max_new_tokens} tokens with the "
+                               f"longest prompt ({longest} tokens), more than the context of {name} ({positions} "
+                               "positions); lower it or use shorter prompts")
     out = Path(out_dir)
     with removed_if_failed(out):
         try:  # before the work, not after it: an unusable --out fails in a second

@@ -198,6 +198,9 @@ class Source:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{file.path}:{number}: invalid JSON ({exc.msg}, column {exc.colno}); fix or "
                                 "remove that line (each line of a .jsonl file is one JSON object)") from None
+            except RecursionError:  # Python's parser recurses once per level of nesting
+                raise DataError(f"{file.path}:{number}: JSON nested too deeply to read; fix or remove that line "
+                                "(each line of a .jsonl file is one JSON object)") from None
             yield self._field(record, file, number)
 
     def _json_records(self, file: SourceFile) -> Iterator[str]:
@@ -264,6 +267,8 @@ class Source:
                         raise fail(exc.msg, exc.pos) from None
                     refill(max(READ_BLOCK, len(buffer) - pos))
                     continue
+                except RecursionError:  # Python's parser recurses once per level of nesting
+                    raise fail("nested too deeply to read", pos) from None
                 number = line_at(pos)
                 pos, state = end, "after"
                 yield self._field(record, file, number)

@@ -159,6 +159,9 @@ def test_json_list_streams_in_small_blocks(tmp_path, monkeypatch):
     ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": }\n', {}, r"bad\.jsonl:3: invalid JSON"),
     ("obj.json", '{"text": "a"}', {}, r"obj\.json:1: invalid JSON \(expected '\[' to open a list"),
     ("open.json", '[{"text": "a"},\n{"text": "b"}', {}, r"open\.json:2: invalid JSON \(the list is not closed"),
+    ("deep.jsonl", '{"text": "a"}\n' + '[' * 100_000, {}, r"deep\.jsonl:2: JSON nested too deeply to read; fix or "
+                                                         r"remove that line"),
+    ("deep.json", '[{"text": "a"},\n' + '[' * 100_000, {}, r"deep\.json:2: invalid JSON \(nested too deeply to read\)"),
     ("nofield.json", '[{"text": "a"},\n {"body": "b"}]', {}, r"nofield\.json:2: record has no 'text' field "
                                                               r"\(its fields: 'body'\); pass --text-field"),
     ("nulltext.jsonl", '{"text": null}', {}, r"nulltext\.jsonl:1: field 'text' is NoneType"),
@@ -715,3 +718,10 @@ def test_sigterm_while_preparing_exits_cleanly_and_leaves_nothing(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert (process.returncode, stderr) == (143, "terminated\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_preparing_data_does_not_import_torch():
+    """Preparing a corpus needs numpy and tiktoken only; torch's import alone takes seconds on a cold start."""
+    code = "import sys, minigpt2.prepare; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

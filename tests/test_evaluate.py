@@ -320,6 +320,22 @@ def test_failed_report_leaves_no_folder_and_keeps_an_existing_one(checkpoint, tm
     assert (existing / "report.md").read_text(encoding="utf-8") == "the last report"
 
 
+def test_report_refuses_a_length_past_the_context_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """The report has no sliding window (beam search cannot slide), so it must not suggest one; and it says so
+    before the perplexity pass rather than after."""
+    from minigpt2 import report
+
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    monkeypatch.setattr(report, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
+    prompt = "The quick brown fox"  # 4 tokens
+    argv = [*report_argv(checkpoint, text, tmp_path / "out"), "--prompt", prompt, "--max_new_tokens", "61"]
+    err = cli_error(argv, capsys)
+    assert err == (f"error: --max_new_tokens 61: makes 65 tokens with the longest prompt (4 tokens), more than the "
+                   f"context of {checkpoint} (base) ({N_POSITIONS} positions); lower it or use shorter prompts\n")
+    assert not (tmp_path / "out").exists()
+
+
 # -- the before/after report -------------------------------------------------------------------------------------------
 
 DOCS = ["Fine-tuning adapts a pretrained model to a new domain.", "<script>alert('x')</script> & <b>bold</b> text",
