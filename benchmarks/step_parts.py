@@ -17,6 +17,7 @@ Each time is the median of `--repeats` runs after warm-up, in ms (CUDA events on
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -50,15 +51,10 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int =
     return statistics.median(times)
 
 
-def head_and_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_and_loss(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                  weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-        logits = F.linear(hidden, weight)  # (N, C) @ (C, V) -> (N, V)
-    return F.cross_entropy(logits.float(), targets)
-
-
-def aligned_head_and_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-        logits = aligned_linear(hidden, weight)  # (N, V) view of (N, V_pad)
+        logits = product(hidden, weight)  # (N, C) @ (C, V) -> (N, V)
     return F.cross_entropy(logits.float(), targets)
 
 
@@ -70,7 +66,8 @@ def time_head(device: str, tokens: int, repeats: int) -> None:
     print(f"head + loss, {tokens} tokens x {config.n_embd} -> {config.vocab_size} (aligned: rows of "
           f"{config.vocab_size + (-config.vocab_size % 64)}), bf16 autocast, forward+backward, ms:")
     losses = {}
-    for name, fn in (("unaligned rows", head_and_loss), ("aligned rows", aligned_head_and_loss)):
+    for name, product in (("unaligned rows", F.linear), ("aligned rows", aligned_linear)):
+        fn = functools.partial(head_and_loss, product)
         for mode, run in (("eager", fn), ("compiled", torch.compile(fn))):
             def step(run=run) -> None:
                 run(hidden, weight, targets).backward()
