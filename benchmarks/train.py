@@ -12,7 +12,8 @@ train on the same batches of the bundled corpus (one BatchLoader seed). Three me
    default implementation and `fused=True` (transformers' Trainer default on torch >= 2.8). Steps alternate
    between the contenders, so that a busy machine slows them alike; the median step is reported. With
    `--attn_impls sdpa,triton` minigpt2 runs once per attention (triton needs --dropout 0: the kernel has no
-   attention dropout); speed-ups are against the first. MFU is achieved
+   attention dropout), and with `--adamw waves,one_pass` (the default) once per AdamW: in cache-sized waves, and in
+   one compiled pass (`--compile_optimizer`; `--compile` implies it). Speed-ups are against the first. MFU is achieved
    FLOP/s (6 N + 12 L T C per token, N = parameters without the position table) over the best measured matmul
    FLOP/s of the same dtype on the same device.
 2. Useful tokens/s against the classic Trainer recipe: every line of text one sample, padded to 512 tokens, with
@@ -94,11 +95,12 @@ def autocast(dtype: str, device: str):
 
 
 def our_trainer(checkpoint: str, corpus: Path, out: Path, batch: int, seq: int, dtype: str, device: str,
-                compile: bool, attn_impl: str = "sdpa") -> Trainer:
+                compile: bool, attn_impl: str = "sdpa", adamw: str = "waves") -> Trainer:
     return Trainer(TrainConfig(init=checkpoint, data=str(corpus), out=str(out), batch_size=batch, block_size=seq,
                                max_steps=10**6, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY, beta1=BETAS[0],
                                beta2=BETAS[1], grad_clip=CLIP, dtype=dtype, device=device, compile=compile,
-                               attn_impl=attn_impl, eval_interval=0, progress=False, seed=0))
+                               attn_impl=attn_impl, compile_optimizer=adamw == "one_pass", eval_interval=0,
+                               progress=False, seed=0))
 
 
 def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
@@ -194,12 +196,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--attn_impls", default="sdpa", help="minigpt2's attentions to race, e.g. sdpa,triton")
+    parser.add_argument("--adamw", default="waves,one_pass", help="minigpt2's AdamW updates to race: waves, one_pass "
+                        "(compiled; with --compile, one_pass only)")
     parser.add_argument("--classic_batch", type=int, default=2)
     parser.add_argument("--skip_classic", action="store_true")
     parser.add_argument("--profile", action="store_true", help="after the race, list where a step of minigpt2's "
                         "first attention spends its time (torch.profiler)")
     args = parser.parse_args()
     impls = args.attn_impls.split(",")
+    adamws = ["one_pass"] if args.compile else args.adamw.split(",")
+    if not set(adamws) <= {"waves", "one_pass"}:
+        parser.error(f"--adamw {args.adamw}: the updates are waves and one_pass")
     if "triton" in impls and args.dropout > 0:
         parser.error("--attn_impls triton needs --dropout 0 (the kernel has no attention dropout)")
     if args.threads:
@@ -224,9 +231,9 @@ def main() -> None:
 
         print(f"\n{'dtype':<6}{'contender':<42}{'tok/s':>10}{'minigpt2 speed-up':>19}{'MFU':>8}")
         for dtype in args.dtypes.split(","):
-            ours = {f"minigpt2 Trainer.train_step ({impl})": our_trainer(
-                tmp, corpus, Path(tmp) / f"out-{dtype}-{impl}", args.batch, args.seq, dtype, args.device,
-                args.compile, impl) for impl in impls}
+            ours = {f"minigpt2 train_step ({impl}, {adamw})": our_trainer(
+                tmp, corpus, Path(tmp) / f"out-{dtype}-{impl}-{adamw}", args.batch, args.seq, dtype, args.device,
+                args.compile, impl, adamw) for impl in impls for adamw in adamws}
             theirs = TheirLoop(tmp, tokens, args.batch, args.seq, dtype, args.device, False, args.compile)
             fused = TheirLoop(tmp, tokens, args.batch, args.seq, dtype, args.device, True, args.compile)
             seconds = race({**{label: trainer.train_step for label, trainer in ours.items()},

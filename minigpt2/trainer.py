@@ -116,6 +116,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_compile_toolchain(device: torch.device, flag: str) -> None:
+    """ConfigError unless torch.compile can generate code for `device`: a C++ compiler on a CPU, Triton on a GPU.
+
+    Without one, `flag` (the option that asked for compiling) would fail only at the first step, in a long traceback
+    from inside torch.
+    """
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(f"{flag} on a GPU needs Triton (pip install triton), which torch.compile generates "
+                              f"its kernels with; install it or leave out {flag}")
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch's layout: the first compile will say what is missing
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # what it raises for a missing compiler differs between platforms
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{flag} on a CPU needs a C++ compiler, which torch.compile builds its code with "
+                          f"({reason}); install g++ or clang++ (on Windows, MSVC), or leave out {flag}") from None
+
+
 def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     """The checkpoint that --resume names: None (no resume, or "auto" with none in `out` yet), or its path.
 
@@ -155,6 +180,8 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
             self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
+        if config.compile or config.compile_optimizer:
+            check_compile_toolchain(self.device, "--compile" if config.compile else "--compile_optimizer")
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         init_dir = Path(config.init).resolve()
         if self.resume_from is None and init_dir.is_dir() and self.out.resolve() in (init_dir, *init_dir.parents):
@@ -186,7 +213,8 @@ class Trainer:
         self.model = self._wrap_model(self.raw_model)
         self.forward_loss = self._forward_loss()
         self.optimizer = AdamW(param_groups(self.raw_model, config.weight_decay), lr=config.lr,
-                               betas=(config.beta1, config.beta2), eps=config.eps)
+                               betas=(config.beta1, config.beta2), eps=config.eps,
+                               compiled=config.compile or config.compile_optimizer)
         self.schedule = LRSchedule(config.lr, config.max_steps, config.warmup_steps, config.lr_schedule,
                                    config.lr * config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None

@@ -25,10 +25,11 @@ def small_model(seed: int = 0) -> GPT:
     return GPT(GPTConfig(**SMALL))
 
 
-def twin_optimizers(chunk_numel, weight_decay=0.1, betas=(0.9, 0.95)):
+def twin_optimizers(chunk_numel, weight_decay=0.1, betas=(0.9, 0.95), compiled=False):
     """Two identical models, ours with our AdamW and the other with torch's, on the same param groups."""
     ours_model, torch_model = small_model(), small_model()
-    ours = AdamW(param_groups(ours_model, weight_decay), lr=2e-3, betas=betas, eps=1e-8, chunk_numel=chunk_numel)
+    ours = AdamW(param_groups(ours_model, weight_decay), lr=2e-3, betas=betas, eps=1e-8, chunk_numel=chunk_numel,
+                 compiled=compiled)
     reference = torch.optim.AdamW(param_groups(torch_model, weight_decay), lr=2e-3, betas=betas, eps=1e-8)
     return ours_model, ours, torch_model, reference
 
@@ -47,9 +48,9 @@ def max_difference(a: GPT, b: GPT) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("chunk_numel", ["auto", None, 1000])
-def test_adamw_follows_torch_adamw_over_many_steps(chunk_numel):
-    ours_model, ours, torch_model, reference = twin_optimizers(chunk_numel)
+@pytest.mark.parametrize("chunk_numel, compiled", [("auto", False), (None, False), (1000, False), ("auto", True)])
+def test_adamw_follows_torch_adamw_over_many_steps(chunk_numel, compiled):
+    ours_model, ours, torch_model, reference = twin_optimizers(chunk_numel, compiled=compiled)
     for step in range(150):
         lr = 2e-3 * (0.5 + 0.5 * math.cos(step / 40))  # a changing rate, as under a schedule
         for group in ours.param_groups + reference.param_groups:
@@ -85,8 +86,9 @@ def test_result_is_independent_of_threads_and_memory_layout():
     assert not models[2].transformer.h[0].mlp.c_fc.weight.is_contiguous()
 
 
-def test_fused_clipping_equals_clip_grad_norm_then_adamw():
-    ours_model, ours, torch_model, reference = twin_optimizers("auto")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_clipping_equals_clip_grad_norm_then_adamw(compiled):
+    ours_model, ours, torch_model, reference = twin_optimizers("auto", compiled=compiled)
     clipped = 0
     for step in range(60):
         set_same_grads(ours_model, torch_model, step)
@@ -97,6 +99,49 @@ def test_fused_clipping_equals_clip_grad_norm_then_adamw():
         reference.step()
         assert max_difference(ours_model, torch_model) < 1e-6, f"step {step}"
     assert clipped > 30
+
+
+def test_compiled_update_compiles_once_per_tensor_rank():
+    """Dynamic shapes: the one-pass update is built once for matrices and once for vectors, not once per parameter
+    shape, and a new learning rate or step count (scalars passed as a tensor) compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from minigpt2.optim import _compiled_one_pass
+
+    torch._dynamo.reset()
+    _compiled_one_pass.cache_clear()
+    counters.clear()
+    model, optimizer, *_ = twin_optimizers("auto", compiled=True)
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    assert len(shapes) > 4 and {len(shape) for shape in shapes} == {1, 2}
+    for step in range(3):
+        set_same_grads(model, small_model(), step)
+        optimizer.param_groups[0]["lr"] = 1e-3 * (step + 1)
+        optimizer.step(grad_scale=0.5 + step)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_update_without_a_compiler_is_a_config_error():
+    """With no C++ compiler, the first compiled step raises ConfigError saying how to go on, and changes no
+    weight."""
+    import torch._inductor.config as inductor_config
+
+    from minigpt2.optim import _compiled_one_pass
+
+    torch._dynamo.reset()
+    _compiled_one_pass.cache_clear()
+    model, optimizer, *_ = twin_optimizers("auto", compiled=True)
+    set_same_grads(model, small_model(), 0)
+    no_compiler = {"cpp.cxx": ("no-such-c++-compiler",), "fx_graph_cache": False}  # a cached build needs none
+    expected = r"compiled=True.*no-such-c\+\+-compiler.*compiled=False"
+    try:
+        with inductor_config.patch(no_compiler), pytest.raises(ConfigError, match=expected):
+            optimizer.step()
+        assert max_difference(model, small_model()) == 0
+    finally:
+        torch._dynamo.reset()
+        _compiled_one_pass.cache_clear()
 
 
 def test_grad_norm_and_clip_factor_match_torch():

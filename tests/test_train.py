@@ -359,9 +359,12 @@ def test_checkpoint_loads_in_transformers_with_equal_logits(init_dir, prepared, 
         assert torch.allclose(ours(x), theirs(x).logits, atol=1e-5)
 
 
-def test_update_equals_a_reference_loop_with_torch_adamw_and_clip_grad_norm(init_dir, prepared, tmp_path):
-    """Three updates of the Trainer (grad_accum 2, clipping on) equal a loop written with transformers' GPT-2,
-    F.cross_entropy, clip_grad_norm_ and torch.optim.AdamW on the same batches. Adam divides a constant gradient
+@pytest.mark.parametrize("compile_optimizer", [False, True])
+def test_update_equals_a_reference_loop_with_torch_adamw_and_clip_grad_norm(init_dir, prepared, tmp_path,
+                                                                            compile_optimizer):
+    """Three updates of the Trainer (grad_accum 2, clipping on; AdamW in waves or in one compiled pass) equal a loop
+    written with transformers' GPT-2, F.cross_entropy, clip_grad_norm_ and torch.optim.AdamW on the same batches.
+    Adam divides a constant gradient
     scale away, and clipping every update would too; so the clip bites only the first update, and a large eps makes
     the update depend on the scale: a missing or doubled `/ grad_accum` then shows far above the tolerance."""
     import torch.nn.functional as F
@@ -370,7 +373,8 @@ def test_update_equals_a_reference_loop_with_torch_adamw_and_clip_grad_norm(init
     peak, min_lr_ratio, accum, clip, eps = 3e-3, 0.1, 2, 2.0, 1e-3
     trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=3, warmup_steps=1, grad_accum=accum, lr=peak,
                              min_lr_ratio=min_lr_ratio, grad_clip=clip, eps=eps, weight_decay=0.1, dropout=0.0,
-                             eval_interval=0))
+                             eval_interval=0, compile_optimizer=compile_optimizer))
+    assert trainer.optimizer.compiled == compile_optimizer
     batches = []
     next_batch = trainer.loader.next_batch
     trainer.loader.next_batch = lambda: batches.append(next_batch()) or batches[-1]
@@ -741,6 +745,20 @@ def test_the_resume_hint_continues_the_run_in_its_own_directory():
     assert train.resume_command(["--out", "b"]) == ["--out", "b", "--resume", "auto"]
 
 
+@pytest.mark.parametrize("flag", ["--compile", "--compile_optimizer"])
+def test_cli_compile_without_a_compiler_is_one_line(init_dir, prepared, tmp_path, flag):
+    """Compiling on a CPU with no C++ compiler (CXX names none) fails before anything is written, not in a
+    traceback from inside torch at the first step."""
+    done = run_cli("--init", init_dir, "--data", prepared, "--out", tmp_path / "out", "--block_size", 32,
+                   "--device", "cpu", flag, env={"CXX": "no-such-c++-compiler"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {flag} on a CPU needs a C++ compiler, which torch.compile builds its code with (No working C++ "
+        "compiler found in torch._inductor.config.cpp.cxx: (None, 'no-such-c++-compiler')); install g++ or clang++ "
+        f"(on Windows, MSVC), or leave out {flag}"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_hub_unreachable_names_the_offline_options(tmp_path):
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
@@ -834,11 +852,12 @@ def test_metrics_lines_are_resume_exact_with_a_log_interval(init_dir, prepared, 
     assert lines(tmp_path / "b") == straight
 
 
-def test_compiled_training_takes_the_eager_steps_in_one_graph(init_dir, prepared, tmp_path, monkeypatch):
-    """--compile compiles the model and the loss as one graph (no break between them, none inside) and takes the
-    eager loop's updates, to rounding. Inductor sums in another order, and Adam's step is about lr whatever a
-    gradient's size, so a weight whose gradient is near zero can move by a part of lr (3e-3) more or less: 1e-4
-    allows that, while a wrong loss or gradient would move the weights by whole steps of lr."""
+def test_compiled_training_takes_the_eager_steps_with_the_model_in_one_graph(init_dir, prepared, tmp_path, monkeypatch):
+    """--compile compiles the model and the loss as one graph (no break between them, none inside), and AdamW's
+    update as one more for matrices and one for vectors, and takes the eager loop's updates, to rounding. Inductor
+    sums in another order, and Adam's step is about lr whatever a gradient's size, so a weight whose gradient is near
+    zero can move by a part of lr (3e-3) more or less: 1e-4 allows that, while a wrong loss or gradient would move
+    the weights by whole steps of lr."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -852,7 +871,7 @@ def test_compiled_training_takes_the_eager_steps_in_one_graph(init_dir, prepared
     compiled = Trainer(config(init_dir, prepared, tmp_path / "compiled", compile=True, **common)).train()
     assert traced["loss"]
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 3
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     a, b = weights(eager.last_checkpoint), weights(compiled.last_checkpoint)
     for name in a:
