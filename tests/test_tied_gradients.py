@@ -63,3 +63,23 @@ def test_outside_its_block_or_without_gradients_the_model_is_unchanged(model):
     with pytest.raises(ValueError, match="tied"):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         TiedGradient(model)
+
+
+def test_under_bf16_autocast_the_gradients_are_autocasts(model, monkeypatch):
+    """Under autocast the head's product runs in bf16, as autocast runs it, and is summed into the fp32 buffer a block
+    of rows at a time (vocab 100 in blocks of 32 here): every gradient equals autograd's under the same autocast (to
+    fp32 summation order), and they are the bf16 ones, not fp32's."""
+    monkeypatch.setattr("minigpt2.tied_gradients.PRODUCT_ROWS", 32)
+    data = batches(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = gradients(model, data)
+        tied = TiedGradient(model)
+        got = gradients(model, data, tied)
+        with tied.active():
+            logits = model(data[0][0])
+    assert logits.dtype == torch.bfloat16
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    fp32 = gradients(model, data)
+    assert not torch.allclose(fp32["transformer.wte.weight"], got["transformer.wte.weight"], rtol=1e-5, atol=1e-7)
+    assert tied.storage.dtype == torch.float32
