@@ -36,6 +36,14 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def main_value(self, value: object) -> object:
+        """The main process's `value` (every process calls this with its own), so that all decide alike."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)  # in memory, between this run's own processes
+        return holder[0]
+
     def close(self) -> None:
         """Leave the process group, if this process joined one."""
         if self.enabled and dist.is_initialized():

@@ -90,23 +90,42 @@ class TrainResult:
     model_dir: Path | None
 
 
+# bf16 autocast adds casts of weights, activations and gradients around the matmuls: a margin for them.
+BF16_SPEEDUP = 1.5
+
+
 def resolve_dtype(name: str, device: torch.device) -> str:
     """fp32, bf16 or fp16 for `device`; "auto" is the fastest that trains reliably there.
 
-    GPUs: bf16 where supported (Ampere and newer), else fp16 with loss scaling. CPUs: bf16 only with AMX matrix
-    units; with just AVX-512 bf16 instructions, bf16 autocast measured slower than fp32 (docs/benchmarks.md).
+    GPUs: bf16 where supported (Ampere and newer), else fp16 with loss scaling. CPUs: bf16 where this CPU multiplies
+    bf16 matrices at least BF16_SPEEDUP times as fast as fp32 ones, else fp32. CPU flags do not tell: with AMX tiles
+    bf16 is 3x faster, and a gpt2 step trained 1.6x faster in bf16 on an AMD core with AVX-512 BF16, while an Intel
+    core with the same instructions and no AMX ran bf16 autocast slower than fp32 (docs/benchmarks.md). So it is
+    timed.
     """
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return "bf16" if amx else "fp32"
+        return "bf16" if bf16_matmul_speedup() >= BF16_SPEEDUP else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("--dtype fp16 needs a CUDA GPU (its loss scaling is built for GPUs); use bf16 or fp32 on "
                           "a CPU")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--dtype bf16 is not supported by this GPU; use fp16 or fp32")
     return name
+
+
+def bf16_matmul_speedup(repeats: int = 5) -> float:
+    """How many times faster this CPU multiplies gpt2-sized matrices in bf16 than in fp32 (best times; ~0.1 s)."""
+    x, w = torch.randn(512, 768), torch.randn(768, 3072)  # a batch of 512 tokens through gpt2's MLP
+    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, float("inf"))
+    for _ in range(repeats + 1):  # alternated, so that load from elsewhere slows both alike
+        for dtype, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def seed_everything(seed: int) -> None:
@@ -174,7 +193,6 @@ class Trainer:
         self.config = config
         self.dist = init_distributed(config.device)
         self.device = resolve_device(config.device, self.dist.local_rank, training=True)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self.out = Path(config.out)
         self.folder = RunFolder(self.out, overwrite=config.overwrite)
         if self.dist.is_main:
@@ -193,6 +211,7 @@ class Trainer:
         if self.dist.is_main:
             self._check_no_other_run()
         state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
+        self.dtype = self._run_dtype(state)
         if state is not None and int(state["step"]) > config.max_steps:
             raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, past --max_steps "
                               f"{config.max_steps}; pass a --max_steps above {state['step']} to train further")
@@ -333,6 +352,14 @@ class Trainer:
             return lm_loss(self.model(x), y)
 
         return torch.compile(forward_loss) if self.config.compile and not self.dist.enabled else forward_loss
+
+    def _run_dtype(self, state: dict[str, Any] | None) -> str:
+        """--dtype, resolved the same in every process; for "auto", a resumed run keeps the precision it trained in
+        (on the same kind of device), so that timing noise cannot switch it halfway."""
+        saved = (state or {}).get("precision")
+        if self.config.dtype == "auto" and saved and saved["device"] == self.device.type:
+            return saved["dtype"]
+        return self.dist.main_value(resolve_dtype(self.config.dtype, self.device))
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -548,6 +575,7 @@ class Trainer:
             dist.all_gather_object(rngs, rng)  # in-memory exchange between our own processes; files stay pickle-free
         if self.dist.is_main:
             state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.dist.world_size,
+                     "precision": {"dtype": self.dtype, "device": self.device.type},
                      "optimizer": self.optimizer.state_by_name(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "data": self.loader.state_dict(), "rng": rngs,

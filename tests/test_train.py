@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -450,14 +451,38 @@ def test_fp16_loss_scaler_skips_overflows_without_stopping(init_dir, prepared, t
     assert not all(torch.equal(start[k], v) for k, v in trainer.raw_model.state_dict().items())  # then it trained
 
 
-def test_fp16_on_cpu_and_auto_dtype():
-    """"auto" on a CPU is bf16 exactly where the CPU has AMX tiles, as the kernel reports them in /proc/cpuinfo."""
+def test_fp16_on_cpu_and_auto_dtype(monkeypatch):
+    """"auto" on a CPU is bf16 exactly where bf16 matmuls timed at least BF16_SPEEDUP times as fast as fp32 ones."""
     device = torch.device("cpu")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         trainer_module.resolve_dtype("fp16", device)
     flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
              for flag in line.split(":", 1)[1].split()}
-    assert trainer_module.resolve_dtype("auto", device) == ("bf16" if "amx_tile" in flags else "fp32")
+    speedup = trainer_module.bf16_matmul_speedup()
+    assert math.isfinite(speedup) and speedup > 0
+    if "amx_tile" in flags:  # AMX multiplies bf16 several times faster than AVX-512 does fp32
+        assert trainer_module.resolve_dtype("auto", device) == "bf16"
+    threshold = trainer_module.BF16_SPEEDUP
+    for measured, expected in ((threshold, "bf16"), (threshold * 0.99, "fp32"), (0.5, "fp32")):
+        monkeypatch.setattr(trainer_module, "bf16_matmul_speedup", lambda measured=measured: measured)
+        assert trainer_module.resolve_dtype("auto", device) == expected, measured
+
+
+def test_auto_dtype_stays_what_the_resumed_run_trained_in(init_dir, prepared, tmp_path, monkeypatch):
+    """A run resumed with --dtype auto keeps the precision it trained in, whatever the timing says now; an explicit
+    --dtype, or a new run, decides afresh."""
+    settings = dict(dtype="auto", max_steps=4, eval_interval=2)
+    monkeypatch.setattr(trainer_module, "bf16_matmul_speedup", lambda: 3.0)
+    first = Trainer(config(init_dir, prepared, tmp_path / "run", **settings))
+    assert first.dtype == "bf16"
+    first.train(stop_after=2)
+    monkeypatch.setattr(trainer_module, "bf16_matmul_speedup", lambda: 1.0)
+    resumed = Trainer(config(init_dir, prepared, tmp_path / "run", resume="auto", **settings))
+    assert resumed.dtype == "bf16"
+    assert Trainer(config(init_dir, prepared, tmp_path / "run", resume="auto", **{**settings, "dtype": "fp32"})
+                   ).dtype == "fp32"
+    assert Trainer(config(init_dir, prepared, tmp_path / "new", **settings)).dtype == "fp32"
+    assert resumed.train().step == 4
 
 
 def test_overwrite_replaces_a_run_only_after_its_first_checkpoint(init_dir, prepared, tmp_path):
