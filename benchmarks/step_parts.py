@@ -12,7 +12,8 @@
    clipping factor folded in (multi-tensor operations in waves, and one compiled pass per weight), against
    clip_grad_norm_ + torch.optim.AdamW (foreach, and fused).
 
-Each time is the median of `--repeats` runs after warm-up, in ms (CUDA events on a GPU).
+Each time is the median of `--repeats` runs after warm-up, in ms (CUDA events on a GPU); the optimizer's
+contenders run alternately.
 """
 
 from __future__ import annotations
@@ -33,23 +34,34 @@ from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
 LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+def elapsed_ms(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 3) -> float:
+    return alternated_ms({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def alternated_ms(contenders: dict[str, Callable[[], object]], device: str, repeats: int,
+                  warmup: int = 3) -> dict[str, float]:
+    """Median ms of each contender, their runs alternated so that load from elsewhere slows them alike."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+        for label, fn in contenders.items():
+            times[label].append(elapsed_ms(fn, device))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def head_and_loss(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
@@ -86,13 +98,18 @@ def time_head(device: str, tokens: int, repeats: int) -> None:
 def time_optimizer(device: str, repeats: int) -> None:
     model = GPT(GPTConfig.from_preset("gpt2")).to(device)
     params = list(model.parameters())
+    # A gradient norm of 0.5, under CLIP: clip_grad_norm_ scales the gradients in place, and repeated runs above
+    # the limit would shrink them into denormal floats, which a CPU computes with many times slower.
     for p in params:
-        p.grad = torch.randn_like(p) * 1e-2
-    groups = param_groups(model, WEIGHT_DECAY)
-    plain_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        p.grad = torch.randn_like(p)
+    total = grad_norm(params).item()
+    for p in params:
+        p.grad *= 0.5 / total
+    # Fresh group dicts for each optimizer: torch's write their settings (foreach, fused, ...) into the dicts given,
+    # and a second optimizer built on the same dicts would take the first one's.
     contenders = {}
     for label, compiled in (("waves", False), ("one pass, compiled", True)):
-        ours = AdamW(groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, compiled=compiled)
+        ours = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, compiled=compiled)
 
         def our_update(ours=ours) -> None:
             factor = clip_factor(grad_norm(params).item(), CLIP)
@@ -100,7 +117,9 @@ def time_optimizer(device: str, repeats: int) -> None:
 
         contenders[f"minigpt2 AdamW, {label} (clip folded in)"] = our_update
     for label, kwargs in (("torch AdamW, foreach", dict(foreach=True)), ("torch AdamW, fused", dict(fused=True))):
+        plain_groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, WEIGHT_DECAY)]
         theirs = torch.optim.AdamW(plain_groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **kwargs)
+        assert all(group[name] for group in theirs.param_groups for name in kwargs)
 
         def their_update(theirs=theirs) -> None:
             torch.nn.utils.clip_grad_norm_(params, CLIP)
@@ -109,8 +128,8 @@ def time_optimizer(device: str, repeats: int) -> None:
         contenders[f"clip_grad_norm_ + {label}"] = their_update
     numel = sum(p.numel() for p in params)
     print(f"optimizer update of {numel / 1e6:.1f}M fp32 parameters ({len(params)} tensors), clipping to {CLIP}, ms:")
-    for label, fn in contenders.items():
-        print(f"  {label:<50} {median_ms(fn, device, repeats):8.2f}")
+    for label, ms in alternated_ms(contenders, device, repeats).items():
+        print(f"  {label:<50} {ms:8.2f}")
 
 
 def main() -> None:
