@@ -13,7 +13,7 @@ train on the same batches of the bundled corpus (one BatchLoader seed). Three me
    between the contenders, so that a busy machine slows them alike; the median step is reported. With
    `--attn_impls sdpa,triton` minigpt2 runs once per attention (triton needs --dropout 0: the kernel has no
    attention dropout), and with `--adamw waves,one_pass` (the default) once per AdamW: in cache-sized waves, and in
-   one compiled pass (`--compile_optimizer`; `--compile` implies it). Speed-ups are against the first. MFU is achieved
+   one compiled pass (`--compile_optimizer`). Speed-ups are against the first. MFU is achieved
    FLOP/s (6 N + 12 L T C per token, N = parameters without the position table) over the best measured matmul
    FLOP/s of the same dtype on the same device.
 2. Useful tokens/s against the classic Trainer recipe: every line of text one sample, padded to 512 tokens, with
@@ -197,14 +197,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--attn_impls", default="sdpa", help="minigpt2's attentions to race, e.g. sdpa,triton")
     parser.add_argument("--adamw", default="waves,one_pass", help="minigpt2's AdamW updates to race: waves, one_pass "
-                        "(compiled; with --compile, one_pass only)")
+                        "(compiled)")
     parser.add_argument("--classic_batch", type=int, default=2)
     parser.add_argument("--skip_classic", action="store_true")
     parser.add_argument("--profile", action="store_true", help="after the race, list where a step of minigpt2's "
                         "first attention spends its time (torch.profiler)")
     args = parser.parse_args()
     impls = args.attn_impls.split(",")
-    adamws = ["one_pass"] if args.compile else args.adamw.split(",")
+    adamws = args.adamw.split(",")
     if not set(adamws) <= {"waves", "one_pass"}:
         parser.error(f"--adamw {args.adamw}: the updates are waves and one_pass")
     if "triton" in impls and args.dropout > 0:

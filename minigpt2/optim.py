@@ -43,7 +43,9 @@ a CPU, a Triton kernel on a GPU) that reads weight, gradient and moments once an
 as torch's `fused=True` C++ kernel does: about 3x faster than the waves on a 2-core CPU, as fast as torch's fused
 kernel. It is compiled with dynamic shapes, once per tensor rank (matrices, vectors), not once per parameter shape,
 and the scalars travel as a tensor, so a new learning rate or step is new data rather than a recompile. The cost:
-seconds of compiling at the first step, and a C++ compiler on a CPU; `train.py --compile` switches it on.
+seconds of compiling at the first step, a C++ compiler on a CPU, and one call per parameter, each with some tens
+of microseconds of host work (on a GPU that may outweigh the pass; not measured there yet).
+`train.py --compile_optimizer` switches it on.
 """
 
 from __future__ import annotations

@@ -80,11 +80,10 @@ class TrainConfig:
                            "(kernels/, CUDA; attention dropout must be 0), auto (triton on a CUDA GPU when "
                            "installed, for bf16/fp16) or naive (the explicit formula)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model and the loss as one "
-                                                  "graph (with DDP, the model alone) and AdamW's update as one "
-                                                  "pass: a slow start, faster steps"})
-    compile_optimizer: bool = field(default=False, metadata={"help": "torch.compile AdamW's update alone into one "
-                                    "pass per weight (about 3x faster than its default on a CPU); seconds at the "
-                                    "first step"})
+                                                  "graph (with DDP, the model alone): a slow start, faster steps"})
+    compile_optimizer: bool = field(default=False, metadata={"help": "torch.compile AdamW's update into one pass "
+                                    "per weight: about 3x faster than the default update on a CPU (seconds at the "
+                                    "first step); on a GPU, one kernel launch per weight"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                          "pass: less memory, about a third more compute"})
     # Evaluation, checkpoints, stopping.

@@ -198,8 +198,10 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
             self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
-        if config.compile or config.compile_optimizer:
-            check_compile_toolchain(self.device, "--compile" if config.compile else "--compile_optimizer")
+        for flag in ("compile", "compile_optimizer"):
+            if getattr(config, flag):
+                check_compile_toolchain(self.device, f"--{flag}")
+                break
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         init_dir = Path(config.init).resolve()
         if self.resume_from is None and init_dir.is_dir() and self.out.resolve() in (init_dir, *init_dir.parents):
@@ -233,7 +235,7 @@ class Trainer:
         self.forward_loss = self._forward_loss()
         self.optimizer = AdamW(param_groups(self.raw_model, config.weight_decay), lr=config.lr,
                                betas=(config.beta1, config.beta2), eps=config.eps,
-                               compiled=config.compile or config.compile_optimizer)
+                               compiled=config.compile_optimizer)
         self.schedule = LRSchedule(config.lr, config.max_steps, config.warmup_steps, config.lr_schedule,
                                    config.lr * config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
