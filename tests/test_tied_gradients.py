@@ -83,3 +83,18 @@ def test_under_bf16_autocast_the_gradients_are_autocasts(model, monkeypatch):
     fp32 = gradients(model, data)
     assert not torch.allclose(fp32["transformer.wte.weight"], got["transformer.wte.weight"], rtol=1e-5, atol=1e-7)
     assert tied.storage.dtype == torch.float32
+
+
+def test_the_kept_bf16_table_cannot_be_overwritten_under_a_pending_backward(model):
+    """The head's bf16 copy of the table lives in one kept buffer: a second forward before the first one's backward
+    rewrites it, and autograd refuses that backward rather than use the wrong copy."""
+    (x, y), (x2, y2) = batches(2)
+    tied = TiedGradient(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), tied.active():
+        first = lm_loss(model(x), y)
+        model.transformer.wte.weight.data.mul_(1.5)  # the table changes, as after an update
+        second = lm_loss(model(x2), y2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            first.backward()
+        second.backward()
+    assert tied.storage.abs().sum() > 0
