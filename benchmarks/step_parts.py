@@ -109,7 +109,8 @@ def time_optimizer(device: str, repeats: int) -> None:
     # and a second optimizer built on the same dicts would take the first one's.
     contenders = {}
     for label, compiled in (("waves", False), ("one pass, compiled", True)):
-        ours = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, compiled=compiled)
+        ours = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
+                     compiled=compiled)
 
         def our_update(ours=ours) -> None:
             factor = clip_factor(grad_norm(params).item(), CLIP)

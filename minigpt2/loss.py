@@ -11,9 +11,10 @@ logsumexp), and the backward forms softmax(z) - onehot(t) slice by slice, each s
 cache, and writes the gradient once, in the logits' own dtype. Every slice is worked out in one fp32 buffer, made
 once per pass (or, for fp32 logits, in the gradient itself): a fresh 3 MB buffer per operation and slice would cost
 its page faults each time, which in a bf16 gpt2 step on a CPU made each slice's conversion take 1.3-1.7 ms instead
-of 0.05. The result equals F.cross_entropy to fp32 rounding (tests/test_loss.py). The slices are sized for a CPU's cache; on a GPU, where F.cross_entropy is a few fused
-kernels and a Python loop of small ones would only add launches, lm_loss uses it, and so it does under
-torch.compile, which fuses the upcast, the log-softmax and its gradient by itself.
+of 0.05. The result equals F.cross_entropy to fp32 rounding (tests/test_loss.py). The slices are sized for a CPU's
+cache; on a GPU, where F.cross_entropy is a few fused kernels and a Python loop of small ones would only add
+launches, lm_loss uses it, and so it does under torch.compile, which fuses the upcast, the log-softmax and its
+gradient by itself.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def _one_pass_each(h: _Hyper, arrays: list[tuple[torch.Tensor, ...]]) -> None:
     except torch._dynamo.exc.TorchDynamoException as exc:  # e.g. no C++ compiler on a CPU, no Triton on a GPU
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"AdamW(compiled=True): torch.compile could not build the update ({reason}); use "
-                          "compiled=False (train.py: leave out --compile)") from exc
+                          "compiled=False (train.py: leave out --compile_optimizer)") from exc
 
 
 @torch.no_grad()  # grad mode is per thread: a worker thread starts with it on

@@ -879,9 +879,9 @@ def test_metrics_lines_are_resume_exact_with_a_log_interval(init_dir, prepared, 
 
 def test_compiled_training_takes_the_eager_steps_in_one_graph(init_dir, prepared, tmp_path, monkeypatch):
     """--compile compiles the model and the loss as one graph (no break between them, none inside; AdamW's update
-    stays as it is) and takes the eager loop's updates, to rounding. Inductor sums in another order, and Adam's step is about lr whatever a gradient's size, so a weight whose gradient is near
-    zero can move by a part of lr (3e-3) more or less: 1e-4 allows that, while a wrong loss or gradient would move
-    the weights by whole steps of lr."""
+    stays as it is) and takes the eager loop's updates, to rounding. Inductor sums in another order, and Adam's step
+    is about lr whatever a gradient's size, so a weight whose gradient is near zero can move by a part of lr (3e-3)
+    more or less: 1e-4 allows that, while a wrong loss or gradient would move the weights by whole steps of lr."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
