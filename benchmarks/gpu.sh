@@ -5,7 +5,8 @@
 #   3. benchmarks/train.py: gpt2 124M training steps, bf16, compiled, batch 16 x 1024, with SDPA and with the
 #      Triton attention, against transformers, and MFU against the card's bf16 peak (dropout 0, the usual setting
 #      for MFU figures, and the one the kernel needs), then where a step's GPU time goes,
-#   4. the same training benchmark without torch.compile (eager: the Trainer's default),
+#   4. the same training benchmark without torch.compile (eager: the Trainer's default), with SDPA, its AdamW in
+#      waves (the default) and in one compiled pass (--compile_optimizer) raced,
 #   5. the tests that pick CUDA when it is there: the Triton kernel's (tests/test_kernels.py), the decoding
 #      step's against the module forward and transformers (tests/test_decode_step.py), and the aligned head's.
 # Each part's output goes to its own log in $OUT (or ./gpu-logs), written as it runs, so a part cut short by a
@@ -63,10 +64,11 @@ for part in "${parts[@]}"; do
         attention) run attention "$(left 90)" python3 benchmarks/attention.py || failed=$((failed + 1)) ;;
         parts) run parts "$(left 60)" python3 benchmarks/step_parts.py --device cuda || failed=$((failed + 1)) ;;
         train) run train "$(left 240)" python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
-                   --compile --dropout 0 --attn_impls sdpa,triton --skip_classic --steps 10 --warmup 2 --profile \
+                   --compile --dropout 0 --attn_impls sdpa,triton --adamw waves --skip_classic --steps 10 --warmup 2 \
+                   --profile \
                    || failed=$((failed + 1)) ;;
         eager) run eager "$(left 90)" python3 benchmarks/train.py --device cuda --batch 16 --seq 1024 --dtypes bf16 \
-                   --dropout 0 --skip_classic --steps 10 --warmup 2 || failed=$((failed + 1)) ;;
+                   --dropout 0 --adamw waves,one_pass --skip_classic --steps 10 --warmup 2 || failed=$((failed + 1)) ;;
         *) echo "benchmarks/gpu.sh: unknown part '$part' (attention, parts, train, eager, tests)" >&2; exit 2 ;;
     esac
 done
