@@ -362,8 +362,12 @@ class Trainer:
         (on the same kind of device), so that timing noise cannot switch it halfway."""
         saved = (state or {}).get("precision")
         if self.config.dtype == "auto" and saved and saved["device"] == self.device.type:
+            self._log(f"--dtype auto: training in {saved['dtype']}, as the run resumed did")
             return saved["dtype"]
-        return self.dist.main_value(resolve_dtype(self.config.dtype, self.device))
+        dtype = self.dist.main_value(resolve_dtype(self.config.dtype, self.device))
+        if self.config.dtype == "auto":
+            self._log(f"--dtype auto: training in {dtype} on this {self.device.type}")
+        return dtype
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])

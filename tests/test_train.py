@@ -468,7 +468,7 @@ def test_fp16_on_cpu_and_auto_dtype(monkeypatch):
         assert trainer_module.resolve_dtype("auto", device) == expected, measured
 
 
-def test_auto_dtype_stays_what_the_resumed_run_trained_in(init_dir, prepared, tmp_path, monkeypatch):
+def test_auto_dtype_stays_what_the_resumed_run_trained_in(init_dir, prepared, tmp_path, monkeypatch, capsys):
     """A run resumed with --dtype auto keeps the precision it trained in, whatever the timing says now; an explicit
     --dtype, or a new run, decides afresh."""
     settings = dict(dtype="auto", max_steps=4, eval_interval=2)
@@ -477,11 +477,14 @@ def test_auto_dtype_stays_what_the_resumed_run_trained_in(init_dir, prepared, tm
     assert first.dtype == "bf16"
     first.train(stop_after=2)
     monkeypatch.setattr(trainer_module, "bf16_matmul_speedup", lambda: 1.0)
+    capsys.readouterr()
     resumed = Trainer(config(init_dir, prepared, tmp_path / "run", resume="auto", **settings))
     assert resumed.dtype == "bf16"
+    assert "--dtype auto: training in bf16, as the run resumed did" in capsys.readouterr().out
     assert Trainer(config(init_dir, prepared, tmp_path / "run", resume="auto", **{**settings, "dtype": "fp32"})
                    ).dtype == "fp32"
     assert Trainer(config(init_dir, prepared, tmp_path / "new", **settings)).dtype == "fp32"
+    assert "--dtype auto: training in fp32 on this cpu" in capsys.readouterr().out
     assert resumed.train().step == 4
 
 
