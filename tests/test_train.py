@@ -77,13 +77,14 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in metrics(out) if "loss" in r]
 
 
-def test_resume_is_bit_exact(init_dir, prepared, tmp_path):
-    straight = Trainer(config(init_dir, prepared, tmp_path / "a")).train()
+@pytest.mark.parametrize("settings", [{}, dict(dtype="bf16", compile_optimizer=True)], ids=["fp32", "bf16-one-pass"])
+def test_resume_is_bit_exact(init_dir, prepared, tmp_path, settings):
+    straight = Trainer(config(init_dir, prepared, tmp_path / "a", **settings)).train()
     assert straight.stopped_by is None and straight.step == 8
 
-    first = Trainer(config(init_dir, prepared, tmp_path / "b")).train(stop_after=3)
+    first = Trainer(config(init_dir, prepared, tmp_path / "b", **settings)).train(stop_after=3)
     assert first.stopped_by == "stop_after" and first.last_checkpoint.name == "checkpoint-0000003"
-    resumed = Trainer(config(init_dir, prepared, tmp_path / "b", resume="auto")).train()
+    resumed = Trainer(config(init_dir, prepared, tmp_path / "b", resume="auto", **settings)).train()
     assert resumed.step == 8
 
     a, b = tmp_path / "a" / "checkpoint-0000008", tmp_path / "b" / "checkpoint-0000008"
