@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             tail = r.error if r.error else f"{r.shared:>7} {r.registers:>5} {r.stack:>6}" + \
                 ("" if r.fits else "  exceeds the card's shared memory")
-            print(f"{r.kernel:<15} {'sm_' + str(r.arch):>6} {r.dtype:>5} {r.head_dim:>4} {'yes' if r.padding else 'no':>4} "
+            padding = "yes" if r.padding else "no"
+            print(f"{r.kernel:<15} {'sm_' + str(r.arch):>6} {r.dtype:>5} {r.head_dim:>4} {padding:>4} "
                   f"{r.config:<40} {tail}")
     found = problems(results)
     for line in found:

@@ -202,8 +202,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     signals itself while it trains, to save a checkpoint first.
 
     An OSError about a path (a folder the user cannot enter, a name too long for the file system) is a user error
-    too, whichever check met it first: one line naming the path; so is running out of memory. Output piped into a reader that has gone away
-    (`| head`) ends the command quietly, as it ends a Unix tool.
+    too, whichever check met it first: one line naming the path; so is running out of memory. Output piped into a
+    reader that has gone away (`| head`) ends the command quietly, as it ends a Unix tool.
     """
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     default_term = signal.signal(signal.SIGTERM, _terminate)

@@ -37,3 +37,9 @@ class OutputFolderError(DataError):
 
 class ConfigError(MiniGPT2Error, ValueError):
     """A setting (flag, config field, generation argument) has an invalid value."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), to quote in a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,9 +18,9 @@ so that each prompt is continued exactly as it would be alone. A row that finish
 `pad_token_id` while the others go on.
 
 Where the result differs from transformers' (5.24), it is in tokens that carry no text, and on purpose:
-- What fills a finished row: always `pad_token_id` (else the first eos id) here. transformers' beam search fills with the first eos id when
-  pad_token_id is 0 (a truthiness test) and with -1 when there is no eos id; and with stop strings but no eos id,
-  its greedy search and sampling go on generating in rows that have stopped.
+- What fills a finished row: always `pad_token_id` (else the first eos id) here. transformers' beam search fills
+  with the first eos id when pad_token_id is 0 (a truthiness test) and with -1 when there is no eos id; and with
+  stop strings but no eos id, its greedy search and sampling go on generating in rows that have stopped.
 - Hypotheses beyond the real ones: when fewer continuations are possible than `num_return_sequences` asks for (a
   vocabulary smaller than the beams, or processors that ban nearly everything), the extra slots are filled from
   beams that never started, whose scores tie at the "impossible" value; the two libraries break that tie

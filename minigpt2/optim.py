@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 
 CPU_WAVE_NUMEL = 1 << 17  # 128K elements = 512 KiB per fp32 array: a wave's five arrays about fill a core's L2
 PIECE_NUMEL = 1 << 15  # at most ATen's parallel grain: an operation on a piece runs in the calling thread
@@ -272,9 +272,8 @@ def _one_pass_each(h: _Hyper, arrays: list[tuple[torch.Tensor, ...]]) -> None:
         for p, g, m, v in arrays:
             update(p.detach(), g, m, v, scalars)  # detached: torch.compile takes an nn.Parameter's shape as fixed
     except torch._dynamo.exc.TorchDynamoException as exc:  # e.g. no C++ compiler on a CPU, no Triton on a GPU
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"AdamW(compiled=True): torch.compile could not build the update ({reason}); use "
-                          "compiled=False (train.py: leave out --compile_optimizer)") from exc
+        raise ConfigError(f"AdamW(compiled=True): torch.compile could not build the update ({first_line(exc)}); "
+                          "use compiled=False (train.py: leave out --compile_optimizer)") from exc
 
 
 @torch.no_grad()  # grad mode is per thread: a worker thread starts with it on

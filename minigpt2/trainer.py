@@ -53,7 +53,8 @@ from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .distributed import init_distributed
-from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError
+from .errors import (CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError,
+                     first_line)
 from .hub import copy_checkpoint
 from .loss import lm_loss
 from .model import GPT
@@ -157,9 +158,9 @@ def check_compile_toolchain(device: torch.device, flag: str) -> None:
     try:
         get_cpp_compiler()
     except Exception as exc:  # what it raises for a missing compiler differs between platforms
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{flag} on a CPU needs a C++ compiler, which torch.compile builds its code with "
-                          f"({reason}); install g++ or clang++ (on Windows, MSVC), or leave out {flag}") from None
+                          f"({first_line(exc)}); install g++ or clang++ (on Windows, MSVC), or leave out "
+                          f"{flag}") from None
 
 
 def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
@@ -200,10 +201,8 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
             self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
-        for flag in ("compile", "compile_optimizer"):
-            if getattr(config, flag):
-                check_compile_toolchain(self.device, f"--{flag}")
-                break
+        if config.compile or config.compile_optimizer:
+            check_compile_toolchain(self.device, "--compile" if config.compile else "--compile_optimizer")
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
         init_dir = Path(config.init).resolve()
         if self.resume_from is None and init_dir.is_dir() and self.out.resolve() in (init_dir, *init_dir.parents):
