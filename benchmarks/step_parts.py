@@ -53,10 +53,18 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int =
 
 def alternated_ms(contenders: dict[str, Callable[[], object]], device: str, repeats: int,
                   warmup: int = 3) -> dict[str, float]:
-    """Median ms of each contender, their runs alternated so that load from elsewhere slows them alike."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
+    """Median ms of each contender, their runs alternated so that load from elsewhere slows them alike.
+
+    A contender whose warm-up raises (a compile that fails on this machine, say) is reported and left out.
+    """
+    contenders = dict(contenders)
+    for label, fn in list(contenders.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as error:  # noqa: BLE001 - any failure: report it, time the rest
+            print(f"  {label} failed in its warm-up and is left out: {type(error).__name__}: {error}", flush=True)
+            del contenders[label]
     times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(repeats):
         for label, fn in contenders.items():
