@@ -21,17 +21,19 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from minigpt2.cli import (add_flag, interrupt_quietly, make_parser, parse_bool, parse_path, parse_seed, read_text_file,
+                          resolve_device, run_main)
 
-from minigpt2 import GPT, Tokenizer
-from minigpt2.cli import (add_flag, make_parser, parse_bool, parse_path, parse_seed, read_text_file, resolve_device,
-                          run_main)
-from minigpt2.errors import ConfigError
-from minigpt2.generate import TextStream, stream_generate
-from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
-from minigpt2.hub import generation_settings_file, resolve_checkpoint
-from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
+with interrupt_quietly():  # torch loads here, for a second or two
+    import torch
+    from tqdm import tqdm
+
+    from minigpt2 import GPT, Tokenizer
+    from minigpt2.errors import ConfigError
+    from minigpt2.generate import TextStream, stream_generate
+    from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
+    from minigpt2.hub import generation_settings_file, resolve_checkpoint
+    from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
 
 def _optional(convert: Callable[[str], typing.Any]) -> Callable[[str], typing.Any]:

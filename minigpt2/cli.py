@@ -8,6 +8,7 @@ in `run_main`, so a user mistake prints `error: ...` and exits with status 2 ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -17,7 +18,7 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C ended
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -196,6 +198,20 @@ def _terminate(signum: int, frame: types.FrameType | None) -> None:
     raise _Terminated
 
 
+@contextlib.contextmanager
+def interrupt_quietly() -> Iterator[None]:
+    """Ctrl-C within the block ends the command as run_main would ("interrupted", status 130), not in a traceback.
+
+    For a script's imports, before run_main takes over: loading torch takes seconds, and a user who presses Ctrl-C
+    meanwhile has changed their mind, not met a bug.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
     """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, warnings into
     `warning: ...` lines, and SIGTERM into a clean exit (status 143) like Ctrl-C's (130). Training catches both
@@ -233,7 +249,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except _Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(143)

@@ -332,6 +332,24 @@ def test_script_exits_2_without_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir):
+    """Ctrl-C during the seconds that `import torch` takes, before run_main takes over: "interrupted" and status 130,
+    as later on, not a traceback. The signal is sent once torch's library is mapped into the process: mid-import."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "x", "--max_new_tokens", "5"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT) as process:
+        maps = Path(f"/proc/{process.pid}/maps")
+        deadline = time.monotonic() + 60
+        while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    assert (process.returncode, out.decode(), err.decode()) == (130, "", "interrupted\n")
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(model_dir):
     """`sample.py ... | head -c 1`, here with the pipe closed before sample.py writes to it (as by `| true`). The
     command ends as a Unix tool does: status 141, no traceback, no "Exception ignored" from the last flush."""
