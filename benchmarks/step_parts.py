@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from contenders import warmed_up
 from minigpt2 import GPT, GPTConfig
 from minigpt2.model import aligned_linear
 from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
@@ -57,14 +58,7 @@ def alternated_ms(contenders: dict[str, Callable[[], object]], device: str, repe
 
     A contender whose warm-up raises (a compile that fails on this machine, say) is reported and left out.
     """
-    contenders = dict(contenders)
-    for label, fn in list(contenders.items()):
-        try:
-            for _ in range(warmup):
-                fn()
-        except Exception as error:  # noqa: BLE001 - any failure: report it, time the rest
-            print(f"  {label} failed in its warm-up and is left out: {type(error).__name__}: {error}", flush=True)
-            del contenders[label]
+    contenders = warmed_up(contenders, warmup, indent="  ", report=False)
     times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(repeats):
         for label, fn in contenders.items():

@@ -34,6 +34,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from contenders import warmed_up
 from minigpt2 import GPTConfig, Tokenizer
 from minigpt2.dataset import BatchLoader, PreparedDataset
 from minigpt2.optim import param_groups
@@ -109,17 +110,7 @@ def race(contenders: dict, steps: int, warmup: int) -> dict[str, float]:
     A contender whose warm-up raises is reported and left out, so that one broken path (a kernel that fails on this
     GPU, say) does not cost the others' figures.
     """
-    for name, step in list(contenders.items()):
-        start = time.perf_counter()
-        try:
-            for _ in range(warmup):
-                step()
-        except Exception as error:  # noqa: BLE001 - any failure: report it, race the rest
-            print(f"      {name} failed in its warm-up and is left out: {type(error).__name__}: {error}", flush=True)
-            del contenders[name]
-            continue
-        print(f"      warm-up of {name}: {time.perf_counter() - start:.1f} s ({warmup} steps, compiling if asked)",
-              flush=True)
+    contenders = warmed_up(contenders, warmup, indent="      ")
     times = {name: [] for name in contenders}
     for _ in range(steps):
         for name, step in contenders.items():
