@@ -334,13 +334,16 @@ def test_script_exits_2_without_traceback(tmp_path):
 
 def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir):
     """Ctrl-C during the seconds that `import torch` takes, before run_main takes over: "interrupted" and status 130,
-    as later on, not a traceback. The signal is sent once torch's library is mapped into the process: mid-import."""
+    as later on, not a traceback. The signal is sent once torch's library is mapped into the process: mid-import.
+    The command starts with SIGINT's default disposition, as from a terminal: a test run in the background of a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no handler for it."""
     import signal
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "x", "--max_new_tokens", "5"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as process:
         maps = Path(f"/proc/{process.pid}/maps")
         deadline = time.monotonic() + 60
         while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
