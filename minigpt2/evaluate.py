@@ -37,16 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from .cli import add_flag, make_parser, parse_path, parse_seed, read_text_file, resolve_device, run_main
+from .cli import (add_flag, interrupt_quietly, make_parser, parse_path, parse_seed, read_text_file, resolve_device,
+                  run_main)
 from .errors import ConfigError, DataError
-from .generation_config import STRATEGIES, SettingError
-from .model import GPT
-from .tokenizer import EOT_ID, Tokenizer
+
+# Run as `python -m minigpt2.evaluate`, a Ctrl-C while torch loads ends the command quietly; imported, it is the caller's.
+with interrupt_quietly() if __name__ == "__main__" else contextlib.nullcontext():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from .generation_config import STRATEGIES, SettingError
+    from .model import GPT
+    from .tokenizer import EOT_ID, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 IGNORE = -100  # the label of a position that is fed to the model but not scored

@@ -332,7 +332,8 @@ def test_script_exits_2_without_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir):
+@pytest.mark.parametrize("script", ["sample.py", "-m minigpt2.evaluate"])
+def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir, tmp_path, script):
     """Ctrl-C during the seconds that `import torch` takes, before run_main takes over: "interrupted" and status 130,
     as later on, not a traceback. The signal is sent once torch's library is mapped into the process: mid-import.
     The command starts with SIGINT's default disposition, as from a terminal: a test run in the background of a
@@ -341,7 +342,10 @@ def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir):
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "x", "--max_new_tokens", "5"]
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to score.\n")
+    arguments = (["--prompt", "x", "--max_new_tokens", "5"] if script == "sample.py" else ["--text", str(text)])
+    command = [sys.executable, *script.split(), "--model", model_dir, *arguments]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as process:
         maps = Path(f"/proc/{process.pid}/maps")
