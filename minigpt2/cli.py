@@ -140,8 +140,11 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
         inner, metavar = _field_parser(args[0]) if len(args) == 1 else (str, "VALUE")
 
         def optional(text: str) -> Any:
-            return None if text.strip().lower() in {"none", "null", ""} else inner(text)
+            # An empty value is not "none": it is most often an unset shell variable, which the field's own check
+            # (or the inner type) refuses rather than quietly reading as the default.
+            return None if text.strip().lower() in {"none", "null"} else inner(text)
 
+        optional.__name__ = getattr(inner, "__name__", "value")  # argparse names it: "invalid int value: ''"
         return optional, metavar
     if tp is bool:
         return parse_bool, "BOOL"

@@ -765,6 +765,23 @@ def test_cli_resume_keeps_the_checkpoints_shape(init_dir, prepared, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_cli_an_empty_resume_is_refused_not_read_as_a_new_run(init_dir, prepared, tmp_path):
+    """`--resume "$CKPT"` with CKPT unset: with --overwrite, reading it as "no --resume" would replace the run."""
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=1)).train()
+    before = tree(out)
+    done = run_cli("--init", init_dir, "--data", prepared, "--out", out, "--resume", "", "--overwrite",
+                   "--max_steps", 2, "--batch_size", 2, "--block_size", 32, "--device", "cpu", "--progress", "false",
+                   "--samples", 0, "--report", "false")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --resume is empty; give auto or a checkpoint directory, or leave --resume out to start a "
+        "new run"]
+    assert tree(out) == before
+    done = run_cli("--out", out, "--eval_batches", "", "--device", "cpu")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "train.py: error: argument --eval_batches/--eval-batches: invalid int value: '' (see --help)"]
+
+
 def test_the_resume_hint_continues_the_run_in_its_own_directory():
     """A run started from another directory's checkpoint has checkpoints of its own once stopped: the hint resumes
     those (--resume auto), whichever way --resume was spelled."""
