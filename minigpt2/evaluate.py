@@ -287,6 +287,7 @@ def _report_parser():
              help=f"comma-separated decoding presets (default: all of {','.join(STRATEGIES)})")
     add_flag(parser, "max_new_tokens", type=int, default=60, metavar="N", help="tokens per sample (default 60)")
     add_flag(parser, "seed", type=parse_seed, default=0, help="seed of the sampling strategies (default 0)")
+    add_flag(parser, "overwrite", action="store_true", help="replace a report already in --out")
     return parser
 
 
@@ -343,6 +344,10 @@ def _run_report(args) -> int:
             raise DataError(f"--prompts_file {args.prompts_file}: holds no non-blank line; write one prompt per "
                             "line, or leave the flag out to draw prompts from --text")
         prompts += lines
+    existing = [name for name in ("report.html", "report.md") if _is_file(Path(args.out) / name)]
+    if existing and not args.overwrite:  # a training run writes its report there too: never replaced unasked
+        raise ConfigError(f"--out {args.out} already holds {existing[0]}; pass --overwrite to replace it, or choose "
+                          "another --out")
     device = resolve_device(args.device)
     text = _load_text(args.text)
     base = load_model(args.base, device)
@@ -354,6 +359,14 @@ def _run_report(args) -> int:
         n_bytes=text.n_bytes, text_name=text.source, progress=not args.quiet)
     print(f"wrote {html_path}\nwrote {md_path}")
     return 0
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; False where it cannot be looked at (the command's own checks then say why)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,12 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"cannot create the report folder {out} ({exc.strerror}); choose another --out") from None
+        try:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as exc:
+            raise DataError(f"cannot write into the report folder {out} ({exc.strerror}); choose another --out") \
+                from None
         if context is None:
             context = min(base.config.n_positions, finetuned.config.n_positions)
         scores = {name: perplexity(model, val_tokens, context=context, stride=stride, batch_size=batch_size,

@@ -336,6 +336,24 @@ def test_report_refuses_a_length_past_the_context_before_any_work(checkpoint, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_report_refuses_a_folder_it_cannot_write_into_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """A read-only --out (simulated: the tests may run as root, whom permissions do not stop) fails in a second,
+    naming the folder, not after the perplexity pass and naming a temporary file."""
+    import errno
+
+    from minigpt2 import report
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    monkeypatch.setattr(report, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
+    monkeypatch.setattr(report.tempfile, "TemporaryFile", refuse)
+    err = cli_error(report_argv(checkpoint, text, tmp_path), capsys)
+    assert err == f"error: cannot write into the report folder {tmp_path} (Permission denied); choose another --out\n"
+
+
 # -- the before/after report -------------------------------------------------------------------------------------------
 
 DOCS = ["Fine-tuning adapts a pretrained model to a new domain.", "<script>alert('x')</script> & <b>bold</b> text",
@@ -413,6 +431,16 @@ def test_report_cli(checkpoint, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "(base)" in md and "(fine-tuned)" in md and "bits per byte" in md
+
+    # A report already there (a training run writes one into its folder) is replaced only when asked.
+    (out / "report.md").write_text("the run's own report", encoding="utf-8")
+    again = ["report", "--base", str(checkpoint), "--finetuned", str(checkpoint), "--text", str(text_file),
+             "--out", str(out), "--strategies", "greedy", "--num_prompts", "1", "--max_new_tokens", "4", "--quiet"]
+    assert cli_error(again, capsys) == f"error: --out {out} already holds report.html; pass --overwrite to replace " \
+        "it, or choose another --out\n"
+    assert (out / "report.md").read_text(encoding="utf-8") == "the run's own report"
+    assert main([*again, "--overwrite"]) == 0
+    assert (out / "report.md").read_text(encoding="utf-8") == md
 
 
 def test_prepared_dataset_gives_its_validation_split(tmp_path):
