@@ -108,7 +108,7 @@ def save_checkpoint(out_dir: str | os.PathLike[str], step: int, model: torch.nn.
     try:
         model.save_pretrained(staging)
         json_part, tensors = encode_state(state)
-        save_file(tensors, staging / STATE_TENSORS, metadata={"format": FORMAT})
+        save_tensors(tensors, staging / STATE_TENSORS, metadata={"format": FORMAT})
         # The JSON goes last: a directory holding it has every other file complete.
         (staging / STATE_JSON).write_text(json.dumps({"format": FORMAT, **json_part}, indent=1) + "\n")
         _fsync_directory_tree(staging)
@@ -258,6 +258,19 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     with file.open("rb"):
         pass
     return load_file(file)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, except that a failed write (a full disk, say) raises Python's own OSError naming
+    `file`, as any other write does, rather than safetensors' error with the OS's code inside its message."""
+    try:
+        save_file(tensors, file, metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)|code: (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1) or code.group(2))
+        raise OSError(number, os.strerror(number), str(file)) from None
 
 
 def prune_checkpoints(out_dir: str | os.PathLike[str], keep_last: int, protect: Path | None = None) -> None:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .atomic import removed_if_failed, staging_path
-from .checkpoint import latest_checkpoint, load_tensors, unreadable
+from .checkpoint import latest_checkpoint, load_tensors, save_tensors, unreadable
 from .config import HUB_ORG, GPTConfig
 from .errors import CheckpointError
 from .generation_config import GenerationConfig
@@ -269,7 +268,7 @@ def _checkpoint_files(model: GPT) -> dict[str, Callable[[Path], object]]:
     # bos_token_id is config.json's: it is what transformers starts from when generating without a prompt.
     generation = {"bos_token_id": hf_config["bos_token_id"], **model.generation_config.to_hub_dict()}
     return {
-        "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        "model.safetensors": lambda path: save_tensors(tensors, path, metadata={"format": "pt"}),
         "generation_config.json": lambda path: path.write_text(json.dumps(generation, indent=2) + "\n",
                                                                encoding="utf-8"),
         "config.json": lambda path: path.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"),

@@ -782,6 +782,38 @@ def test_cli_an_empty_resume_is_refused_not_read_as_a_new_run(init_dir, prepared
         "train.py: error: argument --eval_batches/--eval-batches: invalid int value: '' (see --help)"]
 
 
+def test_cli_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(init_dir, prepared, tmp_path):
+    """A write that fails inside safetensors (its error carries the OS's code in its message) is reported as any
+    failed write is: one line naming the file, exit 2. A file-size limit stands in for a full disk: it needs no
+    mount, and the write fails the same way (EFBIG instead of ENOSPC)."""
+    import resource
+    import signal
+
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=1, eval_interval=0)).train()
+    before = tree(out)
+    limit = (out / "checkpoint-0000001" / "model.safetensors").stat().st_size // 2
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    flags = ["--init", init_dir, "--data", prepared, "--out", out, "--resume", "auto", "--max_steps", 2,
+             "--batch_size", 4, "--block_size", 32, "--grad_accum", 2, "--device", "cpu", "--progress", "false",
+             "--samples", 0, "--report", "false", "--eval_interval", 0]
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, flags)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+                          preexec_fn=limit_file_size)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].startswith(f"error: {out}") and lines[-1].endswith("model.safetensors: File too large; check "
+                                                                         "the path and its permissions"), lines
+    after = tree(out)
+    assert {name: after[name] for name in before if name.startswith("checkpoint-")} == \
+        {name: data for name, data in before.items() if name.startswith("checkpoint-")}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def test_the_resume_hint_continues_the_run_in_its_own_directory():
     """A run started from another directory's checkpoint has checkpoints of its own once stopped: the hint resumes
     those (--resume auto), whichever way --resume was spelled."""
