@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import errno
 import os
+import re
 import signal
 import sys
 import types
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, MiniGPT2Error
+from .errors import ConfigError, DataError, MiniGPT2Error, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -215,6 +216,20 @@ def interrupt_quietly() -> Iterator[None]:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _failed_allocation(exc: BaseException) -> str | None:
+    """What could not be allocated, if `exc` says an allocation failed, else None. numpy raises MemoryError; torch
+    raises a RuntimeError (OutOfMemoryError on a GPU) whose message starts with where in its C++ it failed."""
+    if isinstance(exc, MemoryError):
+        return str(exc) or "an allocation failed"
+    text = first_line(exc)
+    cpu = re.search(r"DefaultCPUAllocator: (.*?)(?:\. Error code|$)", text)
+    if cpu:
+        return cpu.group(1)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: "CUDA out of memory. Tried to ..."
+        return text.split(". ")[1] if ". " in text else text
+    return None
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
     """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, warnings into
     `warning: ...` lines, and SIGTERM into a clean exit (status 143) like Ctrl-C's (130). Training catches both
@@ -246,9 +261,11 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
             "permissions"
         print(f"error: {exc.filename}: {exc.strerror or exc}; {fix}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except MemoryError as exc:  # sizes beyond this machine (a batch of 10^11 rows): the user's to change
-        print(f"error: out of memory ({exc or 'an allocation failed'}); use smaller sizes (batch, sequence length, "
-              "beams, ...)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:  # sizes beyond this machine (a batch of 10^11 rows): the user's
+        what = _failed_allocation(exc)
+        if what is None:
+            raise
+        print(f"error: out of memory ({what}); use smaller sizes (batch, sequence length, beams, ...)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -332,6 +332,16 @@ def test_script_exits_2_without_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_sizes_beyond_memory_are_one_line(model_dir, capsys):
+    """torch reports a failed allocation as a RuntimeError, not a MemoryError: one line all the same, saying how much
+    and how to fix it, not torch's traceback."""
+    code, _, err = run(["--model", model_dir, "--prompt", "x", "--max_new_tokens", 5, "--do_sample", "true",
+                        "--num_samples", 10**9], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: out of memory (can't allocate memory: you tried to allocate ")
+    assert err.endswith(" bytes); use smaller sizes (batch, sequence length, beams, ...)\n")
+
+
 @pytest.mark.parametrize("script", ["sample.py", "-m minigpt2.evaluate"])
 def test_ctrl_c_while_torch_loads_ends_the_command_quietly(model_dir, tmp_path, script):
     """Ctrl-C during the seconds that `import torch` takes, before run_main takes over: "interrupted" and status 130,
