@@ -41,7 +41,7 @@ from .cli import (add_flag, interrupt_quietly, make_parser, parse_path, parse_se
                   run_main)
 from .errors import ConfigError, DataError
 
-# Run as `python -m minigpt2.evaluate`, a Ctrl-C while torch loads ends the command quietly; imported, it is the caller's.
+# Run as `python -m minigpt2.evaluate`, Ctrl-C while torch loads ends the command quietly; imported, it is the caller's.
 with interrupt_quietly() if __name__ == "__main__" else contextlib.nullcontext():
     import numpy as np
     import torch
@@ -53,7 +53,14 @@ with interrupt_quietly() if __name__ == "__main__" else contextlib.nullcontext()
     from .tokenizer import EOT_ID, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
+MAX_LOG_PERPLEXITY = 700.0  # exp(700) ~ 1e304 is still a float; the exp of a larger loss overflows
 IGNORE = -100  # the label of a position that is fed to the model but not scored
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss), the perplexity of a mean loss in nats, capped at exp(700) ~ 1e304: a diverged model still gets a
+    number (JSON, where results go, has no infinity) rather than an OverflowError."""
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
 class Window(NamedTuple):
@@ -139,7 +146,7 @@ def perplexity(model: GPT, token_ids: Sequence[int] | np.ndarray | torch.Tensor,
     n_scored = len(tokens) - 1
     loss = loss_sum / n_scored
     return {
-        "perplexity": math.exp(loss),
+        "perplexity": perplexity_of(loss),
         "loss": loss,
         "tokens": n_scored,
         "windows": len(windows),
@@ -326,7 +333,7 @@ def _run_perplexity(args) -> int:
           f"text           {text.source}\n"
           f"tokens scored  {result['tokens']:,} in {result['windows']:,} windows "
           f"(context {result['context']}, stride {result['stride']})\n"
-          f"perplexity     {result['perplexity']:.4f}\n"
+          f"perplexity     {result['perplexity']:.6g}\n"
           f"loss           {result['loss']:.4f} nats/token\n"
           f"bits per byte  {bpb}")
     return 0

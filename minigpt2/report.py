@@ -241,8 +241,8 @@ class _Report:
         for name in self.names:
             s = self.scores[name]
             bpb = f"{s['bits_per_byte']:.4f}" if s["bits_per_byte"] is not None else "n/a"
-            rows.append([name, f"{s['perplexity']:.3f}", f"{s['loss']:.4f}", bpb, f"{s['tokens']:,}",
-                         f"{s['context']} / {s['stride']}"])
+            ppl = f"{s['perplexity']:.3f}" if s["perplexity"] < 1e9 else f"{s['perplexity']:.3e}"  # a diverged model
+            rows.append([name, ppl, f"{s['loss']:.4f}", bpb, f"{s['tokens']:,}", f"{s['context']} / {s['stride']}"])
         return rows
 
     def summary_rows(self) -> list[list[str]]:

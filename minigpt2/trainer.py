@@ -55,6 +55,7 @@ from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .distributed import init_distributed
 from .errors import (CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError,
                      first_line)
+from .evaluate import perplexity_of
 from .hub import copy_checkpoint
 from .loss import lm_loss
 from .model import GPT
@@ -563,8 +564,8 @@ class Trainer:
             self.best_val_loss, self.best_step, self.evals_without_improvement = val_loss, self.step, 0
         else:
             self.evals_without_improvement += 1
-        self._write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
-        self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.6g}"
+        self._write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": perplexity_of(val_loss)})
+        self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {perplexity_of(val_loss):.6g}"
                   f"{' (best)' if improved else f' (best {self.best_val_loss:.4f} at step {self.best_step})'}")
         self._save()
         patience = self.config.patience

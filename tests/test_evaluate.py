@@ -188,6 +188,21 @@ def test_cli_json(models, checkpoint, tmp_path):
         assert result[key] == pytest.approx(value, rel=1e-6), key
 
 
+def test_a_diverged_model_gets_a_capped_perplexity_not_an_overflow(checkpoint, tmp_path):
+    """A finite loss past ~709 nats overflows exp(); the perplexity is capped at exp(700) (JSON has no infinity),
+    the loss itself is reported as it is."""
+    model = GPT.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(1e6)  # logits of ~1e6: a model whose training blew up
+    model.save_pretrained(tmp_path / "diverged")
+    text_file = tmp_path / "val.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    done = run_cli("--model", str(tmp_path / "diverged"), "--text", str(text_file), "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["loss"] > 1000 and result["perplexity"] == math.exp(700)
+
+
 def test_cli_error_is_one_line(tmp_path):
     done = run_cli("--model", "gpt2", "--text", str(tmp_path / "missing.txt"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
