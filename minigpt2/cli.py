@@ -236,7 +236,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     signals itself while it trains, to save a checkpoint first.
 
     An OSError about a path (a folder the user cannot enter, a name too long for the file system) is a user error
-    too, whichever check met it first: one line naming the path; so is running out of memory. Output piped into a
+    too, whichever check met it first: one line naming the path; so are running out of memory and output
+    redirected to a full disk. Output piped into a
     reader that has gone away (`| head`) ends the command quietly, as it ends a Unix tool.
     """
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
@@ -255,6 +256,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except OSError as exc:
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout redirected to a full disk
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush cannot fail too
+            print(f"error: writing the output: {exc.strerror}; free some space there", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         if exc.filename is None:  # not about a path the user gave: a bug, which keeps its traceback
             raise
         fix = "free some space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its " \

@@ -380,6 +380,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(model_dir):
     assert (code, err) == (141, "")
 
 
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs /dev/full (Linux), whose writes fail ENOSPC")
+def test_output_to_a_full_disk_is_one_line(model_dir):
+    """`sample.py ... > file` on a full disk: one line saying so, exit 2, no traceback (and no "Exception ignored"
+    from the interpreter's last flush of stdout)."""
+    command = [sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "x", "--max_new_tokens", "3"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (done.returncode, done.stderr) == (2, "error: writing the output: No space left on device; free some "
+                                                 "space there\n")
+
+
 def test_warnings_of_a_command_are_one_line():
     """As errors are: the default format adds the file, line and source line of the warn() call."""
     code = ("import warnings; from minigpt2.cli import run_main\n"
