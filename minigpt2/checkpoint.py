@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 PREFIX = "checkpoint-"
 STATE_JSON = "training_state.json"
@@ -196,13 +196,15 @@ def _check_resumable(state: dict[str, Any], file: Path) -> None:
         _need(moments, "exp_avg_sq", _TENSOR, file, f"optimizer.{name}.exp_avg_sq")
     data = _need(state, "data", _OBJECT, file)
     for key in ("seed", "step", "epoch", "position"):
-        _need(data, key, _INT, file, f"data.{key}")
+        if _need(data, key, _INT, file, f"data.{key}") < 0:
+            raise _damaged(file, f'"data.{key}" is {data[key]}, not an integer >= 0')
     rngs = _need(state, "rng", _LIST, file)
     for i in range(len(rngs)):
         rng = _need(rngs, i, _OBJECT, file, f"rng.{i}")
         _need(rng, "python", _LIST, file, f"rng.{i}.python")
         _need(rng, "numpy", _OBJECT, file, f"rng.{i}.numpy")
         _need(rng, "torch", _TENSOR, file, f"rng.{i}.torch")
+        _check_generators(rng, file, f"rng.{i}")
     tracker = _need(state, "tracker", _OBJECT, file)
     _need(tracker, "best_val_loss", _NUMBER, file, "tracker.best_val_loss", nullable=True)
     _need(tracker, "best_step", _INT, file, "tracker.best_step", nullable=True)
@@ -237,6 +239,18 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "a tensor"
     return {str: "a long string", dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _check_generators(rng: dict[str, Any], file: Path, where: str) -> None:
+    """Load each saved generator state into a fresh generator, leaving the global ones alone: a damaged state fails
+    here, naming the file, rather than inside random, numpy or torch once the run is set up."""
+    for name, load in (("python", lambda saved: random.Random().setstate((saved[0], tuple(saved[1]), saved[2]))),
+                       ("numpy", lambda saved: np.random.RandomState().set_state(saved)),
+                       ("torch", lambda saved: torch.Generator().set_state(saved))):
+        try:
+            load(rng[name])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise _damaged(file, f'"{where}.{name}" is not a generator state: {first_line(exc)}') from None
 
 
 def _damaged(file: Path, what: str) -> CheckpointError:

@@ -574,7 +574,10 @@ def edit_state(checkpoint: Path, keys: tuple, value) -> None:
     (("optimizer", "transformer.wte.weight", "exp_avg_sq"), DELETE,
      r'no "optimizer\.transformer\.wte\.weight\.exp_avg_sq"'),
     (("data", "position"), "x", r'"data\.position" is "x", not an integer'),
+    (("data", "seed"), -3, r'"data\.seed" is -3, not an integer >= 0'),  # was a ValueError from numpy, later
     (("rng",), [{}], r'no "rng\.0\.python"'),
+    (("rng", 0, "python", 1), [1, 2], r'"rng\.0\.python" is not a generator state: state vector is the wrong size'),
+    (("rng", 0, "numpy", "state"), {}, r'"rng\.0\.numpy" is not a generator state: .+'),  # was a KeyError
     (("tracker", "best_step"), DELETE, r'no "tracker\.best_step"'),
     (("scaler",), [], r'"scaler" is a list, not an object'),
     (("log_window", "loss"), None, r'"log_window\.loss" is null, not a number'),
