@@ -371,7 +371,11 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.optimizer.load_state_by_name(state["optimizer"])
+        try:
+            self.optimizer.load_state_by_name(state["optimizer"])
+        except CheckpointError as exc:  # its weights loaded, so the optimizer's part of the state is what is wrong
+            raise CheckpointError(f"{self.resume_from / ckpt.STATE_JSON}: {exc}; resume from another "
+                                  "checkpoint") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from minigpt2 import GPT, atomic
 from minigpt2 import checkpoint as ckpt
 from minigpt2 import trainer as trainer_module
-from minigpt2.errors import ConfigError
+from minigpt2.errors import CheckpointError, ConfigError
 from minigpt2.train_config import TrainConfig
 from minigpt2.trainer import Trainer, TrainingError
 
@@ -726,6 +726,21 @@ def test_cli_resume_names_the_checkpoint_whose_settings_are_damaged(init_dir, pr
     assert done.stderr.strip().splitlines() == [
         f"error: {state_file}: damaged settings (unknown setting 'bogus'; known settings: "
         f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}); resume from another checkpoint"]
+
+
+def test_resume_names_the_state_file_whose_optimizer_part_does_not_fit(init_dir, prepared, tmp_path):
+    """Moments saved under a name the model does not have: the weights loaded from the same checkpoint, so the file
+    is damaged, and the error says which one and what to do."""
+    out = tmp_path / "run"
+    checkpoint = Trainer(config(init_dir, prepared, out, max_steps=1, eval_interval=0)).train().last_checkpoint
+    state_file = checkpoint / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["optimizer"]["transformer.bogus"] = state["optimizer"].pop("transformer.wte.weight")
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError) as error:
+        Trainer(config(init_dir, prepared, out, max_steps=2, resume="auto")).train()
+    assert str(error.value) == (f"{state_file}: optimizer state for unknown parameters transformer.bogus: the "
+                                "checkpoint belongs to a different model; resume from another checkpoint")
 
 
 def test_cli_sizes_beyond_memory_are_one_line(init_dir, prepared, tmp_path):
