@@ -99,6 +99,17 @@ class RunFolder:
             raise ConfigError(f"--out {self.path} is in use by another training run{which}; wait for it to end, "
                               "or choose another --out")
 
+    def check_nothing_set_aside(self) -> None:
+        """ConfigError if the folder holds a run that set_aside moved away and no one will put back or delete: the
+        replacing run was killed outright before its first checkpoint. Called with no run in the folder (after
+        check_not_busy), so no set-aside folder there belongs to a live run; only the user can tell which run to
+        keep."""
+        left = sorted(self.path.glob(".replaced-run-*")) if self.path.is_dir() else []
+        if left:
+            raise ConfigError(f"--out {self.path}: {left[0].name} holds a run set aside by an --overwrite run that "
+                              f"was killed before its first checkpoint; move its contents back into {self.path} to "
+                              "keep that run, or delete it, then run again")
+
     def holds_another_run(self) -> bool:
         """Whether the folder holds another run's files that this run would mix with or replace unasked."""
         return not self.overwrite and not self.continues and bool(previous_run(self.path))

@@ -202,6 +202,7 @@ class Trainer:
         if self.dist.is_main:
             check_output_dir(self.out)
             self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
+            self.folder.check_nothing_set_aside()
         if config.compile or config.compile_optimizer:
             check_compile_toolchain(self.device, "--compile" if config.compile else "--compile_optimizer")
         self.resume_from = find_resume_checkpoint(config.resume, self.out)

@@ -518,6 +518,34 @@ def test_a_run_that_fails_puts_the_run_it_was_to_replace_back(init_dir, prepared
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_run_killed_while_replacing_another_leaves_it_for_the_user_to_choose(init_dir, prepared, tmp_path):
+    """SIGKILL (no cleanup runs) after --overwrite set the old run aside and before the new run's first checkpoint:
+    the next run there is refused, naming the set-aside folder, rather than told "nothing to resume; pass
+    --overwrite", which would leave the old run hidden for good."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=1, eval_interval=0)).train()
+    flags = ["--init", init_dir, "--data", prepared, "--out", out, "--overwrite", "--max_steps", 10**6,
+             "--eval_interval", 10**6, "--batch_size", 2, "--block_size", 32, "--device", "cpu", "--progress", "false",
+             "--samples", 0, "--report", "false"]
+    with subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as process:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".replaced-run-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    [set_aside] = out.glob(".replaced-run-*")
+    assert (set_aside / "checkpoint-0000001").is_dir()
+    done = run_cli(*flags)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: --out {out}: {set_aside.name} holds a run set aside by an --overwrite run that was killed before "
+        f"its first checkpoint; move its contents back into {out} to keep that run, or delete it, then run again"]
+    assert (set_aside / "checkpoint-0000001").is_dir()
+
+
 def test_resuming_an_earlier_checkpoint_replaces_the_later_ones_only_if_asked(init_dir, prepared, tmp_path):
     """Resuming checkpoint 2 of a run that went on to 4 starts a new line of checkpoints: refused without
     --overwrite (the later ones would be mixed with the new, and pruning took the new one of them); with it, the
