@@ -437,12 +437,20 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
             cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
             flat = flat.gather(1, order)
         else:
-            # The best `candidates` of each beam, then the best among those: the same as one topk over all
-            # beams * vocab scores, but rows of a 2-D topk run in parallel and one long row does not (3x faster).
-            per_beam = min(candidates, vocab)
+            # The best `candidates` of all beams * vocab scores. One topk over them, as transformers takes them, is
+            # slow on a CPU (a single long row does not run in parallel); the best of each beam first, then the best
+            # of those, finds the same scores 3x faster, and the same tokens unless scores tie: which of tied scores
+            # topk puts first depends on the shape of the call. So the fast way looks one candidate further, and
+            # where two of those scores are equal (half-precision logits, tokens sharing an embedding) the single
+            # topk decides, as in transformers.
+            per_beam = min(candidates + 1, vocab)
             beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), per_beam)
-            cand_scores, pick = torch.topk(beam_best.view(B, beams * per_beam), candidates)
-            flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
+            best, pick = torch.topk(beam_best.view(B, beams * per_beam), min(candidates + 1, beams * per_beam))
+            if bool((best[:, 1:] == best[:, :-1]).any()):
+                cand_scores, flat = torch.topk(totals, candidates)
+            else:
+                cand_scores, pick = best[:, :candidates], pick[:, :candidates]
+                flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
         cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len))  # (B, candidates, max_len), a copy
         cand[:, :, length] = tokens

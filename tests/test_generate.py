@@ -255,8 +255,6 @@ def test_beam_search_variants(pair, settings):
     if "eos_token_id" not in settings:
         settings["eos_token_id"] = reachable_eos(pair, ids, mask, picks=((0, 2), (1, 4)),
                                                  **{k: v for k, v in settings.items() if k != "min_new_tokens"})
-    elif settings["eos_token_id"] is None:
-        settings.pop("eos_token_id")  # transformers would read None as "unset": use the default eos on both sides
     assert_same(pair, ids, mask, **settings)
 
 
@@ -266,6 +264,31 @@ def test_beam_search_with_more_candidates_than_the_vocabulary_has(hf_checkpoint)
     pair = GPT.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path).eval()
     assert_same(pair, torch.tensor([[1, 2, 3]]), num_beams=12, num_return_sequences=3, max_new_tokens=6,
                 eos_token_id=None, pad_token_id=0)
+
+
+def test_beam_search_breaks_exact_ties_as_transformers_does(tmp_path):
+    """Tokens i and i + 32 share an embedding, so every step has pairs of exactly equal scores, and which of two tied
+    candidates a beam takes depends on how the top scores are selected: as transformers selects them, in one topk
+    over all beams' scores (a per-beam topk first ordered the ties otherwise, in most of these calls)."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=48,
+                                    initializer_range=0.2)).eval()
+    with torch.no_grad():
+        hf.transformer.wte.weight[32:] = hf.transformer.wte.weight[:32]
+    hf.save_pretrained(tmp_path)
+    pair = GPT.from_pretrained(tmp_path), GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[12, 5], [30, 26]])
+    ours, theirs = both(pair, ids, max_new_tokens=1, num_beams=2, length_penalty=-2.0, early_stopping=True,
+                        eos_token_id=2, pad_token_id=36)
+    assert ours.tolist() == theirs.tolist()
+    g = torch.Generator().manual_seed(1)
+    for beams in (2, 3, 5):
+        ids = torch.randint(0, 64, (3, 4), generator=g)
+        for eos in (None, 2, [2, 40]):
+            assert_same(pair, ids, num_beams=beams, num_return_sequences=beams, max_new_tokens=8, eos_token_id=eos,
+                        pad_token_id=36)
 
 
 def test_beam_sampling_matches_transformers(pair):
