@@ -237,8 +237,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
 
     An OSError about a path (a folder the user cannot enter, a name too long for the file system) is a user error
     too, whichever check met it first: one line naming the path; so are running out of memory and output
-    redirected to a full disk. Output piped into a
-    reader that has gone away (`| head`) ends the command quietly, as it ends a Unix tool.
+    redirected to a full disk. Output piped into a reader that has gone away (`| head`) ends the command quietly, as
+    it ends a Unix tool.
     """
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     default_term = signal.signal(signal.SIGTERM, _terminate)
