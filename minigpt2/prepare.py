@@ -77,14 +77,14 @@ def prepare_dataset(source: str | os.PathLike[str], out_dir: str | os.PathLike[s
     workers: tokeniser threads (default: all cores). progress: show a progress bar and print a summary to stderr.
     """
     if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise ConfigError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if block_size is not None and block_size < 1:
-        raise ConfigError(f"block_size must be at least 1, got {block_size}")
+        raise ConfigError(f"--block_size must be at least 1, got {block_size}")
     # Checked here, before any work: numpy takes only non-negative seeds, and tiktoken needs a thread.
     if seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed}")
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
     if workers is not None and workers < 1:
-        raise ConfigError(f"workers must be at least 1 (or left unset for all cores), got {workers}")
+        raise ConfigError(f"--workers must be at least 1 (or left unset for all cores), got {workers}")
     workers = workers or os.cpu_count() or 1
     options = CleaningOptions(strip_html=strip_html, normalize_unicode=normalize_unicode, drop_control=drop_control,
                               strip_emoji=strip_emoji, normalize_whitespace=normalize_whitespace, dedup=dedup)

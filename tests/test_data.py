@@ -522,9 +522,10 @@ def test_cli_in_process_usage_errors(tmp_path, capsys):
                                                                                    "(a folder's files, a .json/.jsonl "
                                                                                    "file's records"),
                           ([str(single)], "--out DIR is required"),
-                          (two + ["--val-fraction", "0"], "val_fraction"),
-                          (two + ["--seed", "-1"], "seed must be a non-negative integer"),  # numpy's ValueError
-                          (two + ["--workers", "-1"], "workers must be at least 1"),  # ThreadPoolExecutor's
+                          (two + ["--val-fraction", "0"], "error: --val_fraction must be between 0 and 1"),
+                          (two + ["--seed", "-1"], "error: --seed must be a non-negative integer"),  # numpy's ValueError
+                          (two + ["--workers", "-1"], "error: --workers must be at least 1"),  # ThreadPoolExecutor's
+                          (two + ["--block_size", "0"], "error: --block_size must be at least 1"),
                           (["--out", str(single)], "cannot create output folder"),  # the pydocs corpus
                           ([str(single), "--out", ""], "argument --out: is empty; give a path"),  # an unset $OUT
                           (["", "--out", str(tmp_path / "o")], "argument INPUT: is empty; give a path")]:
