@@ -54,10 +54,24 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int:
     return int(_NAME.match(Path(path).name).group(1))
 
 
+def missing_files(path: str | os.PathLike[str]) -> list[str]:
+    """The files of a complete training checkpoint (model config and training state) that `path` lacks."""
+    path = Path(path)
+    return [name for name in ("config.json", STATE_JSON, STATE_TENSORS)
+            if not (path / name).is_file()]
+
+
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True if `path` is a complete training checkpoint (model files and training state)."""
-    path = Path(path)
-    return all((path / name).is_file() for name in ("config.json", STATE_JSON, STATE_TENSORS))
+    return not missing_files(path)
+
+
+def newest_checkpoint_folder(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint-<step> folder with the highest step in `out_dir`, complete or not (files deleted by hand), or
+    None. Saves are atomic, so an incomplete one is never what a run left."""
+    out = Path(out_dir)
+    found = [p for p in out.iterdir() if _NAME.match(p.name) and p.is_dir()] if out.is_dir() else []
+    return max(found, key=checkpoint_step, default=None)
 
 
 def list_checkpoints(out_dir: str | os.PathLike[str]) -> list[Path]:

@@ -172,6 +172,7 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
+        _refuse_incomplete(ckpt.newest_checkpoint_folder(out), f"--resume {resume}")
         return ckpt.latest_checkpoint(out)
     path = Path(resume)
     if ckpt.is_checkpoint(path):
@@ -179,11 +180,26 @@ def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     if not path.exists():
         raise ConfigError(f"--resume {resume}: no such directory; pass a checkpoint directory, or 'auto' for the "
                           "latest one in --out")
+    _refuse_incomplete(path if path.name.startswith(ckpt.PREFIX) else ckpt.newest_checkpoint_folder(path),
+                       f"--resume {resume}")
     found = ckpt.latest_checkpoint(path)
     if found is None:
         raise ConfigError(f"--resume {resume}: not a training checkpoint, and no checkpoint-* inside it; pass a "
                           "checkpoint directory, or 'auto' for the latest one in --out")
     return found
+
+
+def _refuse_incomplete(folder: Path | None, where: str, fix: str | None = None) -> None:
+    """ConfigError if `folder` is a checkpoint with files deleted by hand, rather than resuming an older one or
+    saying there is none: what it lacks, and `fix` (by default: put them back, or start afresh from its weights)."""
+    missing = ckpt.missing_files(folder) if folder is not None else []
+    if not missing:
+        return
+    them = "it" if len(missing) == 1 else "them"
+    if fix is None:
+        fix = f"put {them} back" + ("" if "config.json" in missing else
+                                   f", or start a new run from its weights with --init {folder} and another --out")
+    raise ConfigError(f"{where}: {folder} lacks {' and '.join(missing)}, so it cannot be resumed; {fix}")
 
 
 class Trainer:
@@ -626,6 +642,8 @@ class Trainer:
         if not self.folder.holds_another_run():
             return
         if not ckpt.list_checkpoints(self.out):
+            _refuse_incomplete(ckpt.newest_checkpoint_folder(self.out), f"--out {self.out}",
+                               "pass --overwrite to replace the run, or choose another --out")
             if not (self.out / "train_config.json").exists():
                 raise ConfigError(f"{self.out} holds a saved model, not a training run; choose another --out (or "
                                   "pass --overwrite to replace the model)")

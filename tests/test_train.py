@@ -771,6 +771,31 @@ def test_resume_names_the_state_file_whose_optimizer_part_does_not_fit(init_dir,
                                 "checkpoint belongs to a different model; resume from another checkpoint")
 
 
+def test_a_checkpoint_with_its_state_deleted_is_named_not_taken_for_no_checkpoint(init_dir, prepared, tmp_path):
+    """checkpoint-* with training_state.json deleted by hand (saves are atomic, so no run leaves one): every way of
+    going on names it and what it lacks, where the run was said to have ended before its first checkpoint, or an
+    older checkpoint would have been resumed in its place; --overwrite still replaces the run."""
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=4, eval_interval=2, keep_checkpoints=2)).train()
+    newest = out / "checkpoint-0000004"
+    (newest / "training_state.json").unlink()
+    assert ckpt.latest_checkpoint(out) == out / "checkpoint-0000002"  # what --resume auto took before
+    lacks = f"{newest} lacks training_state.json, so it cannot be resumed; "
+    put_back = f"put it back, or start a new run from its weights with --init {newest} and another --out"
+    for resume in ("auto", str(out), str(newest)):
+        with pytest.raises(ConfigError) as error:
+            Trainer(config(init_dir, prepared, out, max_steps=6, resume=resume))
+        assert str(error.value) == f"--resume {resume}: {lacks}{put_back}"
+    for name in ("checkpoint-0000002", "checkpoint-0000004"):
+        (out / name / "training_state.safetensors").unlink()
+    with pytest.raises(ConfigError) as error:
+        Trainer(config(init_dir, prepared, out, max_steps=6))
+    assert str(error.value) == (f"--out {out}: {newest} lacks training_state.json and training_state.safetensors, "
+                                "so it cannot be resumed; pass --overwrite to replace the run, or choose another --out")
+    assert Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2, overwrite=True)).train().step == 2
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-0000002"]
+
+
 def test_cli_sizes_beyond_memory_are_one_line(init_dir, prepared, tmp_path):
     """A batch of 10^11 rows cannot be allocated anywhere: one line saying so and how to fix it, not numpy's
     traceback."""
