@@ -38,6 +38,10 @@ class _ArgumentParser(argparse.ArgumentParser):
     misspelled one was meant to be."""
 
     def error(self, message: str) -> typing.NoReturn:
+        # argparse takes a value that starts with '-' for the next flag ("--separator ---"): say how to give one.
+        flag = re.match(r"argument (--[\w-]+)\S*: expected one argument$", message)
+        if flag:
+            message += f" (a value that starts with '-' goes as {flag.group(1)}=VALUE)"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]

@@ -259,11 +259,18 @@ def _describe_source(reader: Source) -> dict[str, Any]:
     """Where the data came from: every file's size and sha256, and one sha256 over all of them."""
     overall = hashlib.sha256()
     for f in reader.files:
-        overall.update(f"{f.name}\0{f.sha256}\n".encode())
-    files = [{"path": f.name, "bytes": f.size, "sha256": f.sha256, "documents": f.documents} for f in reader.files]
-    return {"path": str(reader.path.resolve()), "kind": "folder" if reader.is_folder else "file",
+        overall.update(f"{f.name}\0{f.sha256}\n".encode("utf-8", "surrogateescape"))  # the name's own bytes
+    files = [{"path": _printable(f.name), "bytes": f.size, "sha256": f.sha256, "documents": f.documents}
+             for f in reader.files]
+    return {"path": _printable(str(reader.path.resolve())), "kind": "folder" if reader.is_folder else "file",
             "file_count": len(files), "bytes": reader.total_bytes, "sha256": overall.hexdigest(),
             "files": files if len(files) <= MAX_LISTED_FILES else None}
+
+
+def _printable(name: str) -> str:
+    """A file name as UTF-8 text can hold it: bytes of the name that are not UTF-8 (which Python keeps as lone
+    surrogates) written as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class _Staging:
@@ -277,6 +284,9 @@ class _Staging:
         out = self.out
         if out.exists() and not out.is_dir():
             raise OutputFolderError(f"output {out} is a file", "--out must be a folder (created if missing)")
+        if out.is_symlink() and not out.exists():
+            raise OutputFolderError(f"output {out} is a link to {os.readlink(out)}, which does not exist",
+                                    "create that folder, or choose another --out")
         existing = out.absolute()
         while not existing.exists():
             existing = existing.parent
@@ -300,14 +310,33 @@ class _Staging:
 
 
 def _commit(scratch: Path, out: Path) -> None:
-    """Move the outputs into `out`, each with one atomic rename, meta.json last.
+    """Swap the outputs into `out`, one atomic rename each: the old meta.json leaves first and the new one arrives
+    last, so the folder never holds a mix of old and new files that a meta.json vouches for.
 
-    A reader that opens the folder in the middle finds an older meta.json whose token counts do not match the new
-    .bin files, and `PreparedDataset` refuses it rather than reading a mix.
+    Two .bin files of the same sizes as the old ones would pass every check, so the order alone is not enough: a
+    reader (or a run killed outright) in the middle finds no meta.json, which `PreparedDataset` refuses; an
+    exception in the middle (Ctrl-C) puts the old files back.
     """
     out.mkdir(exist_ok=True)
-    for name in OUTPUT_FILES:
-        os.replace(scratch / name, out / name)
+    replaced = scratch / "replaced"
+    replaced.mkdir()
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in reversed(OUTPUT_FILES):
+            if os.path.lexists(out / name):
+                os.replace(out / name, replaced / name)
+                moved_out.append(name)
+        for name in OUTPUT_FILES:
+            os.replace(scratch / name, out / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            if name not in moved_out:
+                (out / name).unlink()
+        for name in reversed(moved_out):  # meta.json last again
+            os.replace(replaced / name, out / name)
+        raise
 
 
 def ensure_prepared(data: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
@@ -493,12 +522,11 @@ def _refuse_to_replace(out: Path) -> None:
 
 
 def _prepared_meta(out: Path) -> dict[str, Any] | None:
-    """The meta.json of the dataset prepared in `out`; None if there is none (or the file is not ours)."""
+    """The meta.json of the dataset prepared in `out`; None if there is none, or none that PreparedDataset takes."""
     try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing or unreadable
+        return PreparedDataset(out).meta
+    except (DataError, OSError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def cli() -> None:

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from .errors import ConfigError, DataError, PrepareOptionError
@@ -84,6 +85,9 @@ class Source:
                 stat = file.stat()
             except OSError as exc:  # e.g. a symbolic link to a file that is gone
                 raise _unreadable(file, exc) from None
+            if not S_ISREG(stat.st_mode):  # a named pipe would block the read forever, a device never end
+                raise DataError(f"{file} is not a regular file (a pipe, socket or device); move it out of the way, "
+                                "or save its text to a file and prepare that")
             name = file.relative_to(self.path).as_posix() if self.is_folder else file.name
             self.files.append(SourceFile(file, name, stat.st_size, stat.st_mtime_ns))
         self.bytes_read = 0  # grows as documents are streamed: drives the progress bar
@@ -285,8 +289,14 @@ class Source:
             header = next(rows, None)
             if header is None:
                 return
+            if not any(header):
+                raise DataError(f"{file.path}: line 1 is blank where the header row (the column names) should be; "
+                                "remove the blank line")
+            if self.csv_column not in header and len(header) == 1 and re.search(r"[;\t|]", header[0]):
+                raise DataError(f"{file.path}: the header row {header[0]!r} has no commas; a .csv file's columns are "
+                                "separated by ',' (save it as comma-separated)")
             if self.csv_column not in header:
-                columns = ", ".join(repr(c) for c in header) or "none"
+                columns = ", ".join(repr(c) for c in header)
                 raise PrepareOptionError(f"{file.path}: no column {self.csv_column!r} in the header row (columns: "
                                          f"{columns}); pass --csv-column NAME", "--csv-column")
             index = header.index(self.csv_column)
@@ -312,7 +322,7 @@ class Source:
         where = f"{file.path}:{line}"
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a {self.text_field!r} field, found "
-                            f"{type(record).__name__}; each record must be an object like "
+                            f"{_json_type(record)}; each record must be an object like "
                             f"{{\"{self.text_field}\": \"...\"}}")
         if self.text_field not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
@@ -320,7 +330,7 @@ class Source:
                                      "pass --text-field NAME to read another field", "--text-field")
         text = record[self.text_field]
         if not isinstance(text, str):
-            raise DataError(f"{where}: field {self.text_field!r} is {type(text).__name__}, not a string; fix the "
+            raise DataError(f"{where}: field {self.text_field!r} is {_json_type(text)}, not a string; fix the "
                             "record or remove it")
         # JSON can spell lone UTF-16 surrogates (\ud800), which are not text and cannot be encoded.
         if _SURROGATE.search(text):
@@ -337,6 +347,13 @@ def _unreadable(path: Path, exc: OSError) -> DataError:
     """A read error on an input file, named as such: an OSError left alone would be taken for a failed write."""
     return DataError(f"{path}: cannot be read ({exc.strerror or exc}); check that it exists and is readable, or "
                      "remove it from the input")
+
+
+def _json_type(value: Any) -> str:
+    """What JSON calls the type of a parsed value (null, not Python's NoneType)."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _list_files(path: Path) -> list[Path]:

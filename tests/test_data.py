@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -164,10 +165,16 @@ def test_json_list_streams_in_small_blocks(tmp_path, monkeypatch):
     ("deep.json", '[{"text": "a"},\n' + '[' * 100_000, {}, r"deep\.json:2: invalid JSON \(nested too deeply to read\)"),
     ("nofield.json", '[{"text": "a"},\n {"body": "b"}]', {}, r"nofield\.json:2: record has no 'text' field "
                                                               r"\(its fields: 'body'\); pass --text-field"),
-    ("nulltext.jsonl", '{"text": null}', {}, r"nulltext\.jsonl:1: field 'text' is NoneType"),
+    ("nulltext.jsonl", '{"text": null}', {}, r"nulltext\.jsonl:1: field 'text' is null, not a string"),
+    ("listtext.json", '[{"text": ["a"]}]', {}, r"listtext\.json:1: field 'text' is an array, not a string"),
+    ("numbers.jsonl", '7', {}, r"numbers\.jsonl:1: expected a JSON object with a 'text' field, found a number"),
     ("surrogate.jsonl", '{"text": "a\\ud800b"}', {}, r"lone surrogate"),
     ("nocol.csv", "a,b\n1,2\n", {}, r"nocol\.csv: no column 'text' in the header row \(columns: 'a', 'b'\)"),
     ("short.csv", "a,text\n1\n", {}, r"short\.csv:2: the row has 1 fields"),
+    ("blankfirst.csv", "\ntext\na\n", {}, r"blankfirst\.csv: line 1 is blank where the header row \(the column "
+                                        r"names\) should be; remove the blank line"),
+    ("semicolons.csv", "text;id\na;1\n", {}, r"semicolons\.csv: the header row 'text;id' has no commas; a \.csv "
+                                            r"file's columns are separated by ','"),
     ("unclosed.csv", 'text\na\n"b\nc\n', {}, r"unclosed\.csv:3: a quoted field that starts in this row is never "
                                              r"closed, so it would take in every line after it; fix the stray '\"'"),
     ("closed_later.csv", 'text\na\n"b\nc "d" e\n', {}, r"closed_later\.csv:4: malformed CSV \(',' expected after "
@@ -277,6 +284,50 @@ def test_prepared_dataset_validates_its_folder(tmp_path):
         f.write(b"\0\0")
     with pytest.raises(DataError, match=r"incomplete or was modified; .* --overwrite`$"):  # what the command needs
         PreparedDataset(out)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta: meta.pop("options"), "it has no options.val_fraction"),
+    (lambda meta: meta["source"].pop("path"), "it has no source.path"),
+    (lambda meta: meta.update(counts=[]), "it has no counts.tokens"),
+    (lambda meta: meta["counts"].update(val_tokens="many"), "its counts.val_tokens is not a number"),
+], ids=["no options", "no source path", "counts not a table", "count not a number"])
+def test_a_damaged_meta_json_is_named_by_every_reader(tmp_path, capsys, damage, message):
+    """A meta.json of the right format with a part missing (a hand edit): the dataset, train's block-size check and
+    prepare's refusal to replace it each say so in one line, where they raised KeyError."""
+    out = tmp_path / "out"
+    source = write(tmp_path / "a.txt", "one two\n\nthree four\n")
+    prepare_dataset(source, out, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    damage(meta)
+    (out / "meta.json").write_text(json.dumps(meta))
+    damaged = f"{out / 'meta.json'} is damaged: {message}; prepare it with `python data/prepare.py INPUT --out {out} " \
+        "--overwrite`"
+    with pytest.raises(DataError) as error:
+        PreparedDataset(out)
+    assert str(error.value) == damaged
+    with pytest.raises(DataError) as error:
+        ensure_prepared(out, tmp_path / "cache", block_size=2)
+    assert str(error.value) == damaged
+    assert run_cli([source, "--out", out], capsys) == (
+        2, f"error: --out {out} already holds train.bin, val.bin, meta.json (an incomplete prepared dataset, or files "
+           "of the same names); pass --overwrite to replace them, or choose another --out\n")
+
+
+def test_file_names_that_are_not_utf8_and_files_that_are_not_regular(tmp_path, capsys):
+    """A file name with a Latin-1 byte prepares (meta.json writes the byte as \\xNN, where encoding the name to
+    hash it raised); a named pipe in a folder is refused in one line, where reading it blocked forever."""
+    folder = tmp_path / "docs"
+    write(folder / "a.txt", "alpha one")
+    Path(os.fsdecode(bytes(folder) + b"/caf\xe9.txt")).write_text("beta two")
+    prepare_dataset(folder, tmp_path / "out", progress=False)
+    check_prepared(tmp_path / "out", ["alpha one", "beta two"])
+    assert [f["path"] for f in PreparedDataset(tmp_path / "out").meta["source"]["files"]] == ["a.txt", "caf\\xe9.txt"]
+    os.mkfifo(folder / "pipe.txt")
+    assert run_cli([folder, "--out", tmp_path / "out2"], capsys) == (
+        2, f"error: {folder / 'pipe.txt'} is not a regular file (a pipe, socket or device); move it out of the way, "
+           "or save its text to a file and prepare that\n")
+    assert not (tmp_path / "out2").exists()
 
 
 # -- the loader -------------------------------------------------------------------------------------------------
@@ -516,6 +567,7 @@ def test_cli_in_process_usage_errors(tmp_path, capsys):
     single = write(tmp_path / "one.txt", "just one paragraph\nover two lines\n")
     two = [str(write(tmp_path / "two.txt", "first\n\nsecond\n")), "--out", str(tmp_path / "o")]
     record = write(tmp_path / "one.jsonl", '{"text": "the only record"}\n')
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for argv, message in [([str(single), "--out", str(tmp_path / "o")], "after the split; separate documents with "
                                                                          "blank lines (or --separator)"),
                           ([str(record), "--out", str(tmp_path / "o" / "deeper")], "after the split; add more documents "
@@ -526,6 +578,12 @@ def test_cli_in_process_usage_errors(tmp_path, capsys):
                           (two + ["--seed", "-1"], "error: --seed must be a non-negative integer"),  # numpy's ValueError
                           (two + ["--workers", "-1"], "error: --workers must be at least 1"),  # ThreadPoolExecutor's
                           (two + ["--block_size", "0"], "error: --block_size must be at least 1"),
+                          ([*two[:2], str(tmp_path / "dangling")], f"error: output {tmp_path / 'dangling'} is a "
+                                                                     f"link to {tmp_path / 'nowhere'}, which does not "
+                                                                     "exist; create that folder, or choose another "
+                                                                     "--out"),
+                          (two + ["--separator", "---"], "error: argument --separator: expected one argument (a value "
+                                                         "that starts with '-' goes as --separator=VALUE)"),
                           (["--out", str(single)], "cannot create output folder"),  # the pydocs corpus
                           ([str(single), "--out", ""], "argument --out: is empty; give a path"),  # an unset $OUT
                           (["", "--out", str(tmp_path / "o")], "argument INPUT: is empty; give a path")]:
@@ -648,6 +706,53 @@ def test_cli_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path, caps
     check_prepared(out, ["four", "five"])
     assert (out / "notes.md").read_text() == "the user's own file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.txt", "out", "second.txt"]  # no scratch left over
+
+
+def test_replacing_a_dataset_never_leaves_a_mix_that_passes_as_one(tmp_path, monkeypatch):
+    """Replacing a dataset renames three files into place. New .bin files of the old ones' sizes pass every check
+    of a meta.json, so at each rename the folder must be the old dataset, the new one, or refused (no meta.json);
+    an exception between the renames (Ctrl-C) must put the old dataset back."""
+    old = [f"cat number {n}" for n in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
+    new = [document.replace("cat", "dog") for document in old]
+    out = tmp_path / "out"
+    prepare_dataset(write(tmp_path / "old.txt", "\n\n".join(old) + "\n"), out, progress=False)
+    before = snapshot(out)
+    new_source = write(tmp_path / "new.txt", "\n\n".join(new) + "\n")
+
+    def documents() -> list[str] | str:
+        try:
+            data = PreparedDataset(out)
+        except DataError:
+            return "refused"
+        return sorted(split_documents(np.asarray(data.tokens("train"))) + split_documents(np.asarray(data.tokens("val"))))
+
+    real_replace = os.replace
+    seen: list[list[str] | str] = []
+    interrupt_at = [0]  # the rename to interrupt (1 = the first); 0: none
+
+    def replace(source, target):
+        if out in (Path(source).parent, Path(target).parent):  # the commit's renames, into and out of --out
+            seen.append(documents())
+            if len(seen) == interrupt_at[0]:
+                raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    prepare_dataset(new_source, out, progress=False)
+    check_prepared(out, new)
+    assert {name: len(data) for name, data in snapshot(out).items() if name.endswith(".bin")} == \
+        {name: len(data) for name, data in before.items() if name.endswith(".bin")}  # the case no check catches
+    assert seen[0] == sorted(old) and set(map(str, seen[1:])) == {"refused"}, seen
+    for rename in range(1, len(seen) + 1):
+        interrupt_at[0] = 0
+        shutil.rmtree(out)
+        prepare_dataset(tmp_path / "old.txt", out, progress=False)
+        seen.clear()
+        interrupt_at[0] = rename
+        with pytest.raises(KeyboardInterrupt):
+            prepare_dataset(new_source, out, progress=False)
+        assert snapshot(out) == before, rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "old.txt", "out"]  # no scratch left over
 
 
 @pytest.mark.parametrize("input_name, flags, message", [
