@@ -32,7 +32,6 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The resolved TrainConfig: defaults < saved settings of the run resumed < --config file < flags."""
     from minigpt2.checkpoint import STATE_JSON, read_saved_config
     from minigpt2.errors import CheckpointError, MiniGPT2Error
-    from minigpt2.config import preset_key
     from minigpt2.trainer import find_resume_checkpoint
 
     parser = make_parser("train.py", description="Train or fine-tune GPT-2 (see the module docstring).")
@@ -53,21 +52,44 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
             raise CheckpointError(f"{resumed / STATE_JSON}: damaged settings ({exc}); resume from another "
                                   "checkpoint") from None
         config = dataclass_from_flags(TrainConfig, args, {**saved, **from_file})
-    # A preset only shapes a new random model; anywhere else it would be ignored without a word.
-    if args.model_preset is not None and resumed is not None:
-        shape = run.model_preset if run.init == "scratch" else f"the model it started from ({run.init})"
-        if preset_key(args.model_preset) != preset_key(shape):  # the resume hint repeats the run's own preset
-            parser.error(f"--model_preset {args.model_preset}: the run resumed from {resumed} has the shape of "
-                         f"{shape}, which its checkpoint keeps; drop --model_preset")
-    elif args.model_preset is not None and config.init != "scratch":
+    # Settings that a resumed run takes from its checkpoint, whatever is asked: asked otherwise, they would be
+    # ignored without a word (and recorded as if they had applied).
+    given: dict[str, tuple[object, str, str]] = {}  # name: (value, where it was asked, how to take it back)
+    for name in ("model_preset", "init", "seed"):
+        if getattr(args, name) is not None:
+            given[name] = (getattr(args, name), f"--{name} {getattr(args, name)}", f"drop --{name}")
+        elif name in from_file:
+            given[name] = (from_file[name], f"--config {args.config[0]}: {name} = {from_file[name]!r}",
+                           f"remove {name} from {args.config[0]}")
+    if resumed is not None:
+        _check_kept_on_resume(given, run, resumed, parser)
+    elif args.model_preset is not None and config.init != "scratch":  # a preset only shapes a new random model
         parser.error(f"--model_preset shapes a new model (--init scratch); --init {config.init} loads a model that "
                      "has its own shape: drop --model_preset, or use --init scratch")
-    # A resumed run continues from its checkpoint, whatever --init says: another model there would be ignored.
-    if args.init is not None and resumed is not None and not _same_source(args.init, run.init):
-        parser.error(f"--init {args.init}: the run resumed from {resumed} started from {run.init} and goes on "
-                     "from its checkpoint; drop --init (or use --init alone, without --resume, to start a new run "
-                     "from that model)")
     return config
+
+
+def _check_kept_on_resume(given: dict[str, tuple[object, str, str]], run: TrainConfig, resumed: Path,
+                          parser: argparse.ArgumentParser) -> None:
+    """A usage error if a setting that the resumed run keeps from its checkpoint was asked to be something else."""
+    from minigpt2.config import preset_key
+
+    if "model_preset" in given:
+        shape = run.model_preset if run.init == "scratch" else f"the model it started from ({run.init})"
+        value, where, drop = given["model_preset"]
+        if preset_key(str(value)) != preset_key(shape):  # the resume hint repeats the run's own preset
+            parser.error(f"{where}: the run resumed from {resumed} has the shape of {shape}, which its checkpoint "
+                         f"keeps; {drop}")
+    if "init" in given and not _same_source(str(given["init"][0]), run.init):
+        _, where, drop = given["init"]
+        parser.error(f"{where}: the run resumed from {resumed} started from {run.init} and goes on from its "
+                     f"checkpoint; {drop} (or use --init alone, without --resume, to start a new run from that "
+                     "model)")
+    if "seed" in given and given["seed"][0] != run.seed:
+        _, where, drop = given["seed"]
+        parser.error(f"{where}: the run resumed from {resumed} was seeded with {run.seed}, and its random state goes "
+                     f"on from its checkpoint; {drop} (or start a new run from its weights with --init {resumed} "
+                     "and another seed)")
 
 
 def _same_source(given: str, saved: str) -> bool:
@@ -154,6 +176,22 @@ def resume_command(given: list[str]) -> list[str]:
     return [*flags, "--resume", "auto"]
 
 
+def launcher() -> str:
+    """What started this run: python, or torchrun with as many processes (its rendezvous options are the user's)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world == 1:
+        return "python"
+    if world == local:
+        return f"torchrun --nproc_per_node {world}"
+    return f"torchrun --nnodes {world // local} --nproc_per_node {local} <the rendezvous options you launched with>"
+
+
+def script(name: str) -> str:
+    """The path of `name` (this script or one beside it) to type from the current directory, shell-quoted."""
+    path = os.path.relpath(Path(__file__).resolve().with_name(name))
+    return shlex.quote(path if not path.startswith("..") else str(Path(__file__).resolve().with_name(name)))
+
+
 def finish(config: TrainConfig, trainer, result, given: list[str], main_process: bool) -> int:
     """Say how the run ended and where its model is; sample from it and write the before/after report."""
     from minigpt2 import GPT
@@ -162,7 +200,7 @@ def finish(config: TrainConfig, trainer, result, given: list[str], main_process:
         return 0
     if result.stopped_by in EXIT_CODES:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.last_checkpoint}."
-              f"\nResume with: python train.py {shlex.join(resume_command(given))}", flush=True)
+              f"\nResume with: {launcher()} {script('train.py')} {shlex.join(resume_command(given))}", flush=True)
         return EXIT_CODES[result.stopped_by]
     best = (f"best validation loss {result.best_val_loss:.4f} at {result.best_checkpoint}"
             if result.best_val_loss is not None else "no evaluation")
@@ -172,7 +210,8 @@ def finish(config: TrainConfig, trainer, result, given: list[str], main_process:
             print_samples(GPT.from_pretrained(result.model_dir).to(trainer.device), config)
         beside = "metrics.jsonl, loss.png" if (result.out_dir / "loss.png").exists() else "metrics.jsonl"
         print(f"the model is in {result.model_dir} ({beside} and checkpoints beside it); try:\n"
-              f"  python sample.py --model {shlex.quote(str(result.model_dir))} --prompt {shlex.quote(PROMPTS[0])}")
+              f"  python {script('sample.py')} --model {shlex.quote(str(result.model_dir))} --prompt "
+              f"{shlex.quote(PROMPTS[0])}")
     if result.model_dir is not None and config.report:
         write_before_after_report(config, trainer, result)
     return 0

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, MiniGPT2Error, first_line
+from .errors import ConfigError, DataError, MiniGPT2Error, OtherProcessFailed, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ class _ArgumentParser(argparse.ArgumentParser):
         flag = re.match(r"argument (--[\w-]+)\S*: expected one argument$", message)
         if flag:
             message += f" (a value that starts with '-' goes as {flag.group(1)}=VALUE)"
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{_rank_prefix()}{self.prog}: error: {message} (see --help)\n" if _speaks() else None)
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
@@ -137,6 +137,16 @@ def parse_seed(text: str) -> int:
     return value
 
 
+class _GivenNone:
+    """`--flag none` as parsed: a flag left out is None, and an explicit none must win over a config file."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+_GIVEN_NONE = _GivenNone()
+
+
 def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
     """The string -> value converter and metavar for a dataclass field type (Optional[X] accepts 'none')."""
     origin = typing.get_origin(tp)
@@ -147,7 +157,7 @@ def _field_parser(tp: Any) -> tuple[Callable[[str], Any], str]:
         def optional(text: str) -> Any:
             # An empty value is not "none": it is most often an unset shell variable, which the field's own check
             # (or the inner type) refuses rather than quietly reading as the default.
-            return None if text.strip().lower() in {"none", "null"} else inner(text)
+            return _GIVEN_NONE if text.strip().lower() in {"none", "null"} else inner(text)
 
         optional.__name__ = getattr(inner, "__name__", "value")  # argparse names it: "invalid int value: ''"
         return optional, metavar
@@ -175,7 +185,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def dataclass_from_flags(cls: type, namespace: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
-    """Build `cls` from defaults, then `base` (e.g. a config file), then the flags that were given."""
+    """Build `cls` from defaults, then `base` (e.g. a config file), then the flags that were given (`none` too)."""
     values = dict(base or {})
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
@@ -184,7 +194,7 @@ def dataclass_from_flags(cls: type, namespace: argparse.Namespace, base: dict[st
     for name in known:
         given = getattr(namespace, name, None)
         if given is not None:
-            values[name] = given
+            values[name] = None if given is _GIVEN_NONE else given
     return cls(**values)
 
 
@@ -234,6 +244,18 @@ def _failed_allocation(exc: BaseException) -> str | None:
     return None
 
 
+def _speaks() -> bool:
+    """Whether this process reports user errors. torchrun runs the same command in every process, so they meet the
+    same errors: one per machine says so (machines may differ in their files), the first of its processes."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _rank_prefix() -> str:
+    """"rank N: " before the errors of another machine than the main process's in a torchrun launch."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> typing.NoReturn:
     """Run a CLI `main`, turning user errors into `error: ...` on stderr and exit status 2, warnings into
     `warning: ...` lines, and SIGTERM into a clean exit (status 143) like Ctrl-C's (130). Training catches both
@@ -257,7 +279,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         # under `set -o pipefail` sees the same status from this command as from any other.
         sys.exit(EXIT_BROKEN_PIPE)
     except MiniGPT2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _speaks() and not isinstance(exc, OtherProcessFailed):
+            sys.stderr.write(f"{_rank_prefix()}error: {exc}\n")  # one write: other machines' lines do not interleave
         sys.exit(EXIT_USAGE)
     except OSError as exc:
         if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout redirected to a full disk

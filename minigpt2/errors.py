@@ -39,6 +39,11 @@ class ConfigError(MiniGPT2Error, ValueError):
     """A setting (flag, config field, generation argument) has an invalid value."""
 
 
+class OtherProcessFailed(MiniGPT2Error):
+    """In a torchrun launch, raised by the processes other than the main one when it met a user error: it prints
+    the error, they leave quietly (status 2 all the same)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none), to quote in a one-line error."""
     text = str(exc).strip()

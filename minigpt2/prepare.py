@@ -241,18 +241,25 @@ def _split(all_tokens: Path, lengths: np.ndarray, is_val: np.ndarray, scratch: P
     return int(lengths.sum()) - n_val, n_val
 
 
-def _check_block_size(shortest: int, block_size: int, source: Path, val_fraction: float) -> None:
+def _check_block_size(shortest: int, block_size: int, source: Path, val_fraction: float | None) -> None:
     if shortest < block_size + 1:
+        split = "" if val_fraction is None else f", val_fraction {val_fraction}"
         raise DataError(f"{source} is too small for block_size {block_size}: a split has only {shortest} tokens "
-                        f"and training needs at least {block_size + 1} in each (train and val, val_fraction "
-                        f"{val_fraction}); add text or use a smaller block size")
+                        f"and training needs at least {block_size + 1} in each (train and val{split}); add text or "
+                        "use a smaller block size")
 
 
 def _check_prepared_block_size(meta: dict[str, Any], block_size: int, path: Path) -> None:
     """_check_block_size for a dataset already prepared in `path`, from its meta.json."""
     counts = meta["counts"]
     _check_block_size(min(counts["train_tokens"], counts["val_tokens"]), block_size, path,
-                      meta["options"]["val_fraction"])
+                      _meta_field(meta, "options", "val_fraction"))
+
+
+def _meta_field(meta: dict[str, Any], section: str, key: str) -> Any:
+    """meta[section][key], or None where meta.json lacks it (PreparedDataset requires only format and counts)."""
+    part = meta.get(section)
+    return part.get(key) if isinstance(part, dict) else None
 
 
 def _describe_source(reader: Source) -> dict[str, Any]:
@@ -461,10 +468,11 @@ def _build_bundled_corpus(out: Path, options: dict[str, Any], checks: dict[str, 
     from .pydocs import CORPUS_OPTIONS, DOCUMENTS_FILE, build_pydocs  # pydocs itself prepares through this module
 
     meta = _prepared_meta(out)
-    if not overwrite and meta and Path(meta["source"]["path"]).resolve() == (out / DOCUMENTS_FILE).resolve():
+    source = _meta_field(meta, "source", "path") if meta else None
+    if not overwrite and isinstance(source, str) and Path(source).resolve() == (out / DOCUMENTS_FILE).resolve():
         # Built from this Python's standard library with the same options, it would come out byte for byte the same;
         # options left out mean their defaults.
-        built = meta["options"]
+        built = meta["options"] if isinstance(meta.get("options"), dict) else {}
         wanted = {**_prepare_defaults(), **CORPUS_OPTIONS, **options}
         changed = [name for name in built if name in wanted and built[name] != wanted[name]]
         if changed:
@@ -474,7 +482,7 @@ def _build_bundled_corpus(out: Path, options: dict[str, Any], checks: dict[str, 
                               f"to build it again with {asked}")
         if checks["block_size"] is not None:
             _check_prepared_block_size(meta, checks["block_size"], out)
-        print(f"the bundled corpus is already built in {out} ({meta['counts']['tokens']:,} tokens); pass "
+        print(f"the bundled corpus is already built in {out} ({_tokens(meta):,} tokens); pass "
               "--overwrite to build it again", file=sys.stderr)
         return 0
     if not overwrite:
@@ -512,13 +520,18 @@ def _refuse_to_replace(out: Path) -> None:
         return
     meta = _prepared_meta(out)
     if meta is not None:
-        what = f"a prepared dataset (from {meta['source']['path']}, {meta['counts']['tokens']:,} tokens)"
+        source = _meta_field(meta, "source", "path")
+        what = f"a prepared dataset ({f'from {source}, ' if source else ''}{_tokens(meta):,} tokens)"
         them = "it"
     else:
         what = f"{', '.join(found)} (an incomplete prepared dataset, or files of the same names)"
         them = "them"
     raise ConfigError(f"--out {out} already holds {what}; pass --overwrite to replace {them}, or choose another "
                       "--out")
+
+
+def _tokens(meta: dict[str, Any]) -> int:
+    return int(meta["counts"]["train_tokens"]) + int(meta["counts"]["val_tokens"])
 
 
 def _prepared_meta(out: Path) -> dict[str, Any] | None:

@@ -53,8 +53,8 @@ from .cli import resolve_device
 from .config import GPTConfig
 from .dataset import BatchLoader, PreparedDataset, iter_eval_batches
 from .distributed import init_distributed
-from .errors import (CheckpointError, ConfigError, DataError, MiniGPT2Error, OutputFolderError, PrepareOptionError,
-                     first_line)
+from .errors import (CheckpointError, ConfigError, DataError, MiniGPT2Error, OtherProcessFailed, OutputFolderError,
+                     PrepareOptionError, first_line)
 from .evaluate import perplexity_of
 from .hub import copy_checkpoint
 from .loss import lm_loss
@@ -215,10 +215,7 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist.local_rank, training=True)
         self.out = Path(config.out)
         self.folder = RunFolder(self.out, overwrite=config.overwrite)
-        if self.dist.is_main:
-            check_output_dir(self.out)
-            self.folder.check_not_busy()  # fail before loading anything; train() takes the lock
-            self.folder.check_nothing_set_aside()
+        self._check_on_main(self._check_folder)  # fail before loading anything; train() takes the lock
         if config.compile or config.compile_optimizer:
             check_compile_toolchain(self.device, "--compile" if config.compile else "--compile_optimizer")
         self.resume_from = find_resume_checkpoint(config.resume, self.out)
@@ -229,8 +226,7 @@ class Trainer:
         # Resuming a checkpoint of another directory starts a new run in --out: it may not replace one there either.
         self.folder.continues = self.resume_from is not None and \
             self.resume_from.resolve().parent == self.out.resolve()
-        if self.dist.is_main:
-            self._check_no_other_run()
+        self._check_on_main(self._check_no_other_run)
         state = ckpt.load_training_state(self.resume_from) if self.resume_from else None
         self.dtype = self._run_dtype(state)
         if state is not None and int(state["step"]) > config.max_steps:
@@ -395,6 +391,7 @@ class Trainer:
                                   "checkpoint") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self._check_same_batches(state)
         self.loader.load_state_dict(state["data"])
         tracker = state["tracker"]
         self.best_val_loss, self.best_step = tracker["best_val_loss"], tracker["best_step"]
@@ -544,8 +541,16 @@ class Trainer:
             where = self._checkpoint_path(self.last_saved_step)
             kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written"
             raise TrainingError(f"{self.bad_steps} updates in a row were skipped because {what}; stopping at step "
-                                f"{self.step + 1} ({kept}). Try a lower --lr, --grad_clip 1.0, or --dtype "
-                                "bf16/fp32 instead of fp16")
+                                f"{self.step + 1} ({kept}). {self._divergence_fixes()}")
+
+    def _divergence_fixes(self) -> str:
+        """What to try when training diverges: the settings of this run that could be to blame."""
+        fixes = [f"a lower --lr (this run: {self.config.lr:g})"]
+        if not self.config.grad_clip:
+            fixes.append("--grad_clip 1.0")
+        if self.dtype == "fp16":
+            fixes.append("--dtype bf16 or fp32 instead of fp16")
+        return f"Try {', or '.join(fixes)}"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "fp32":
@@ -579,7 +584,7 @@ class Trainer:
             where = self._checkpoint_path(self.last_saved_step)
             kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written"
             raise TrainingError(f"the validation loss at step {self.step} is {val_loss}: the weights have diverged "
-                                f"({kept}). Try a lower --lr, --grad_clip 1.0, or --dtype bf16/fp32 instead of fp16")
+                                f"({kept}). {self._divergence_fixes()}")
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_step, self.evals_without_improvement = val_loss, self.step, 0
@@ -635,6 +640,49 @@ class Trainer:
         (train.py's samples and report) holds it around both."""
         with self.folder.locked() if self.dist.is_main else contextlib.nullcontext():
             yield
+
+    def _check_on_main(self, check: Callable[[], None]) -> None:
+        """Run `check` (of the folder, which only the main process writes) in the main process; if it fails there,
+        fail in every process, rather than leave the others to crash at the next collective call when it exits.
+        The others raise OtherProcessFailed, which the command leaves unprinted: the main process says why."""
+        error = None
+        if self.dist.is_main:
+            try:
+                check()
+            except MiniGPT2Error as exc:
+                error = exc
+        failed = self.dist.main_value(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise OtherProcessFailed("the main process (rank 0) stopped with an error")
+
+    def _check_folder(self) -> None:
+        check_output_dir(self.out)
+        self.folder.check_not_busy()
+        self.folder.check_nothing_set_aside()
+
+    def _check_same_batches(self, state: dict[str, Any]) -> None:
+        """ConfigError naming the flag if this run would not read the batches the resumed one would have read next
+        (the loader checks the same, but knows no flags)."""
+        saved, now, was = state["data"], self.loader.state_dict(), state["config"]
+        where = f"--resume: the run in {self.resume_from}"
+        anew = f"or start a new run from its weights with --init {self.resume_from} and another --out"
+        if saved.get("block_size") != now["block_size"]:
+            raise ConfigError(f"{where} trained on windows of --block_size {saved.get('block_size')}, not "
+                              f"{now['block_size']}; keep it, {anew}")
+        if saved.get("mode") != now["mode"]:
+            raise ConfigError(f"{where} read its data with --data_mode {saved.get('mode')}, not {now['mode']}; keep "
+                              f"it, {anew}")
+        if saved.get("global_batch") != now["global_batch"]:
+            raise ConfigError(
+                f"{where} took {saved.get('global_batch')} windows per step (--batch_size {was.get('batch_size')} x "
+                f"--grad_accum {was.get('grad_accum')} x {state.get('world_size', 1)} process(es)), and this one "
+                f"would take {now['global_batch']} ({self.config.batch_size} x {self.config.grad_accum} x "
+                f"{self.dist.world_size}); keep that product, {anew}")
+        if saved.get("n_tokens") != now["n_tokens"]:
+            raise ConfigError(f"{where} trained on {saved.get('n_tokens')} tokens of training data, and --data "
+                              f"{self.config.data} has {now['n_tokens']}; resume with the same data, {anew}")
 
     def _check_no_other_run(self) -> None:
         """ConfigError if --out holds another run's files (RunFolder.holds_another_run), saying how to go on."""

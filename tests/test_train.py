@@ -208,6 +208,18 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(init_di
     moved = max((ours[n] - start[n]).abs().max().item() for n in ours if n in start)
     assert moved > 1e-4  # training happened: the comparison is not vacuous
 
+    # Errors under torchrun: one line from the main process; the other leaves quietly (it crashed in gloo when the
+    # main process failed a check that only it makes, and repeated the errors that both meet).
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert again.returncode != 0 and "[rank1]" not in again.stderr and "Connection closed" not in again.stderr
+    assert [line for line in again.stderr.splitlines() if "error: " in line] == [
+        f"error: {tmp_path / 'two'} already holds a training run; pass --resume auto to continue it, --overwrite to "
+        "replace it, or choose another --out"]
+    bad_flag = subprocess.run([*command, "--dropout", "1.5"], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=300)
+    assert [line for line in bad_flag.stderr.splitlines() if "error: " in line] == [
+        "error: --dropout must be in [0, 1), got 1.5"]
+
 
 def test_validation_loss_is_the_mean_over_the_validation_windows_without_dropout(init_dir, prepared, tmp_path):
     """The validation loss logged at an evaluation (which picks the best checkpoint and drives early stopping)
@@ -831,6 +843,78 @@ def test_cli_resume_keeps_the_checkpoints_shape(init_dir, prepared, tmp_path):
         f"train.py: error: --model_preset tiny: the run resumed from {loaded} has the shape of the model it started "
         f"from ({init_dir}), which its checkpoint keeps; drop --model_preset (see --help)"]
     assert not (tmp_path / "new").exists()
+
+
+def test_settings_a_resumed_run_keeps_are_refused_from_a_config_file_and_for_the_seed(prepared, tmp_path, capsys):
+    """A resumed run keeps its shape, its starting model and its seed (the random state goes on from the
+    checkpoint). Asked otherwise in a --config file, or --seed, they were accepted, ignored, and recorded in
+    train_config.json as if they applied; explicit `none` now wins over a file too."""
+    out = tmp_path / "run"
+    Trainer(TrainConfig(init="scratch", model_preset="tiny", data=str(prepared), out=str(out), max_steps=1,
+                        batch_size=2, block_size=32, eval_interval=0, device="cpu", progress=False, samples=0,
+                        report=False, seed=7)).train()
+    resumed = out / "checkpoint-0000001"
+    toml = tmp_path / "run.toml"
+
+    def refused(*flags: object) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_config(["--out", str(out), "--resume", "auto", *map(str, flags)])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    toml.write_text('model_preset = "gpt2"\n')
+    assert refused("--config", toml) == (
+        f"train.py: error: --config {toml}: model_preset = 'gpt2': the run resumed from {resumed} has the shape of "
+        f"tiny, which its checkpoint keeps; remove model_preset from {toml} (see --help)\n")
+    toml.write_text('init = "gpt2"\n')
+    assert refused("--config", toml) == (
+        f"train.py: error: --config {toml}: init = 'gpt2': the run resumed from {resumed} started from scratch and "
+        f"goes on from its checkpoint; remove init from {toml} (or use --init alone, without --resume, to start a "
+        "new run from that model) (see --help)\n")
+    assert refused("--seed", 8) == (
+        f"train.py: error: --seed 8: the run resumed from {resumed} was seeded with 7, and its random state goes on "
+        f"from its checkpoint; drop --seed (or start a new run from its weights with --init {resumed} and another "
+        "seed) (see --help)\n")
+    toml.write_text("seed = 8\n")
+    assert refused("--config", toml).startswith(f"train.py: error: --config {toml}: seed = 8: the run resumed from ")
+    toml.write_text('model_preset = "tiny"\nseed = 7\neval_batches = 1\ndropout = 0.2\n')  # the run's own: fine
+    config = train.parse_config(["--out", str(out), "--resume", "auto", "--config", str(toml), "--seed", "7"])
+    assert (config.seed, config.eval_batches, config.dropout) == (7, 1, 0.2)
+    config = train.parse_config(["--out", str(out), "--resume", "auto", "--config", str(toml), "--eval_batches",
+                                 "none", "--dropout", "None"])
+    assert (config.eval_batches, config.dropout) == (None, None)
+    assert train.parse_config(["--out", str(out), "--resume", "none"]).resume is None
+
+
+def test_resume_with_another_global_batch_names_the_flags(init_dir, prepared, tmp_path):
+    """Changing --grad_accum on resume changes the windows per step, which the data cursor cannot follow: the error
+    names the flags and both products, where it named the loader's field and blamed batch_size."""
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2)).train()
+    with pytest.raises(ConfigError) as error:
+        Trainer(config(init_dir, prepared, out, max_steps=4, resume="auto", grad_accum=3))
+    resumed = out / "checkpoint-0000002"
+    assert str(error.value) == (
+        f"--resume: the run in {resumed} took 8 windows per step (--batch_size 4 x --grad_accum 2 x 1 process(es)), "
+        "and this one would take 12 (4 x 3 x 1); keep that product, or start a new run from its weights with --init "
+        f"{resumed} and another --out")
+    with pytest.raises(ConfigError, match=r"trained on windows of --block_size 32, not 16; keep it, or start"):
+        Trainer(config(init_dir, prepared, out, max_steps=4, resume="auto", block_size=16))
+
+
+def test_the_resume_hint_names_the_launcher_and_the_script_from_here(monkeypatch, tmp_path):
+    """`Resume with:` said `python train.py` from anywhere, under torchrun too, where one process resumes a run of
+    two with another global batch (refused)."""
+    monkeypatch.chdir(tmp_path)
+    assert train.script("train.py") == str(ROOT / "train.py")
+    monkeypatch.chdir(ROOT)
+    assert train.script("sample.py") == "sample.py"
+    assert train.launcher() == "python"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.launcher() == "torchrun --nproc_per_node 2"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert train.launcher().startswith("torchrun --nnodes 4 --nproc_per_node 2 ")
 
 
 def test_cli_an_empty_resume_is_refused_not_read_as_a_new_run(init_dir, prepared, tmp_path):
