@@ -37,7 +37,10 @@ RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png", "config.json", "m
 
 def check_output_dir(out: Path) -> None:
     """ConfigError unless `out` is, or can be made as, a directory we may write in (checked before any work)."""
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    try:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    except OSError as exc:  # a name too long for the file system, a folder we may not look into
+        raise ConfigError(f"--out {out}: {exc.strerror}; choose another --out") from None
     if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):

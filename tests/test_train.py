@@ -706,6 +706,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         "too few report tokens": [*good, "--report_tokens", 1],
         "out holds a saved model": [*good[:4], "--out", saved_model, *good[6:]],
         "out holds a run without checkpoint": [*good[:4], "--out", unfinished, *good[6:]],
+        "out name too long": [*good[:4], "--out", tmp_path / ("z" * 300), *good[6:]],
         "resume a missing folder": [*good, "--resume", tmp_path / "nowhere"],
         "a setting twice in TOML": [*good, "--config", twice_toml],
     }
@@ -739,6 +740,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         errors["a setting twice in TOML"]
     assert f"{unfinished} holds a training run that ended before its first checkpoint, so there is nothing to " \
         "resume; pass --overwrite" in errors["out holds a run without checkpoint"]
+    assert f"--out {tmp_path / ('z' * 300)}: File name too long; choose another --out" in errors["out name too long"]
     assert "--init is empty" in errors["empty init"]
     assert "--config is given more than once" in errors["two config files"]
     assert "--report_tokens must be >= 0" in errors["negative report_tokens"]
