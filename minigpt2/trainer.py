@@ -406,6 +406,11 @@ class Trainer:
                       f"{self.dist.world_size}; dropout randomness restarts from the seed (data order is exact)")
             seed_everything(self.config.seed + self.dist.rank + self.step)
         self._log(f"resuming from {self.resume_from} at step {self.step}")
+        now = self.config.to_dict()
+        changed = [f"{name} {value!r} -> {now[name]!r}" for name, value in state["config"].items()
+                   if name not in ("resume", "overwrite") and name in now and now[name] != value]
+        if changed:  # allowed (a longer run, a lower lr), but worth seeing: the run's record shows only the new ones
+            self._log(f"settings changed since that checkpoint: {', '.join(changed)}")
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self, stop_after: int | None = None) -> TrainResult:

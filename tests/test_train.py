@@ -150,8 +150,11 @@ def test_resume_auto_with_overwrite_continues_a_checkpoint_else_starts_again(ini
     fresh = Trainer(config(init_dir, prepared, tmp_path / "new", max_steps=2, eval_interval=2, resume="auto"))
     assert "--resume auto: no checkpoint in" in capsys.readouterr().out and fresh.step == 0
     fresh.train()
+    capsys.readouterr()
     again = Trainer(config(init_dir, prepared, tmp_path / "new", max_steps=3, eval_interval=3, resume="auto",
                            overwrite=True))
+    assert "settings changed since that checkpoint: max_steps 2 -> 3, eval_interval 2 -> 3\n" in \
+        capsys.readouterr().out
     assert again.step == 2 and again.train().step == 3
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "new")] == ["checkpoint-0000003"]
     assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".replaced-run")]
