@@ -2,9 +2,10 @@
 
 Naive attention writes softmax(q k^T / sqrt(hs)) to memory: T^2 numbers per head, read and written several times.
 Flash attention instead walks over tiles. One program owns BLOCK_M query rows and streams the keys/values past them
-BLOCK_N at a time, keeping a running ("online") softmax in registers, so memory traffic is O(T hs) per head and the
-matmuls run on tensor cores. The backward recomputes the probabilities tile by tile from the per-row logsumexp
-saved by the forward, instead of storing them.
+BLOCK_N at a time, keeping a running ("online") softmax in registers, so nothing of size T^2 ever reaches memory:
+the traffic is the keys and values read once per tile of queries, O(T^2 hs / BLOCK_M) per head, and what is stored
+beyond the output is one logsumexp per row, O(T). The matmuls run on tensor cores. The backward recomputes the
+probabilities tile by tile from that logsumexp, instead of storing them.
 
 Layout: q, k, v, o are (B, nh, T, hs) with a unit stride on hs (any other strides are fine, e.g. the transposed
 views the model makes). Program grid: axis 0 = a tile of rows, axis 1 = one (batch, head) pair.

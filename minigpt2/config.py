@@ -24,8 +24,8 @@ class GPTConfig:
 
     `n_embd` must be divisible by `n_head`; GPT-2 uses a head size of 64 in every size. `attn_impl` chooses how
     attention is computed ("naive": the explicit formula, "sdpa": torch's fused kernel, "triton": our kernel,
-    "auto": triton on a CUDA GPU when installed and attention runs in fp16/bf16, else sdpa); it changes speed,
-    never the result.
+    "auto": triton on a CUDA GPU when installed, attention runs in fp16/bf16 and the head size is 16, 32, 64 or
+    128, else sdpa); it changes speed, and the result only by rounding.
     """
 
     vocab_size: int = 50257
@@ -45,17 +45,17 @@ class GPTConfig:
         # Each field's type and range first: the divisibility check below divides by n_head, and a config.json
         # value of the wrong type would otherwise surface as a TypeError deep inside the model's constructor.
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if not _is_positive_int(getattr(self, name)):
+            if not (is_integer(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_inner is not None and not _is_positive_int(self.n_inner):
+        if self.n_inner is not None and not (is_integer(self.n_inner) and self.n_inner > 0):
             raise ConfigError(f"n_inner must be a positive integer or None (4 * n_embd), got {self.n_inner!r}")
         for name in ("layer_norm_epsilon", "initializer_range"):
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+            if not (is_real(value) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             value = getattr(self, name)
-            if not (_is_real(value) and 0 <= value < 1):
+            if not (is_real(value) and 0 <= value < 1):
                 raise ConfigError(f"{name} must be a probability in [0, 1), got {value!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
@@ -129,12 +129,13 @@ class GPTConfig:
         return dataclasses.replace(config, **overrides)
 
 
-def _is_positive_int(value: Any) -> bool:
-    """A whole number above 0 of an integer type: not 2.0, and not True (a bool is an int in Python)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+def is_integer(value: Any) -> bool:
+    """A whole number of an integer type (numpy's too): not 2.0, and not True (a bool is an int in Python). For
+    checking settings read from JSON, TOML or keyword arguments."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A number (NaN and inf included: callers exclude them where they must), not a bool or a string."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

@@ -51,6 +51,7 @@ def decoding_step(model: nn.Module, cache: KVCache) -> Step:
     (`supports`), else the forward itself, fed one token per row."""
     if supports(model):
         return DecodeStep(model, cache)
+    # tokens (rows,) -> (rows, 1); logits (rows, 1, V) -> (rows, V)
     return lambda tokens, mask: model(tokens[:, None], attention_mask=mask, kv_cache=cache)[:, -1]
 
 
@@ -108,7 +109,7 @@ class DecodeStep:
         align = max(1, 64 // t.wte.weight.element_size())  # elements per 64 bytes
         bounds, end = [], 0
         for linear in linears:
-            start = -(-end // align) * align  # the previous place's end, rounded up to a multiple of `align`
+            start = -(-end // align) * align  # 64-byte aligned, as a tensor of its own would be (see above)
             end = start + rows * linear.out_features
             bounds.append((start, end))
         self.biases = t.wte.weight.new_zeros(end)
@@ -158,7 +159,7 @@ class DecodeStep:
         for (ln_1, c_attn, q, new_kv, c_proj, ln_2, c_fc, mlp_proj), slot, k, v in zip(self.blocks, slots, keys,
                                                                                      values):
             c_attn(ln_1(x))  # into the buffer of which q (rows, nh, 1, hs) and new_kv (rows, 2, nh, 1, hs) are views
-            slot.copy_(new_kv)  # this position's key and value, one copy
+            slot.copy_(new_kv)  # into the cache: new_kv views key and value together, so one copy writes both
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (rows, nh, 1, hs)
             # x is this step's own tensor: adding in place spares an allocation, with the same sums.
             x += c_proj(y.view(rows, C))  # (rows, nh, 1, hs) -> (rows, C): already in that order

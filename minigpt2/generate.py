@@ -108,16 +108,16 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     tokenizer = tokenizer or Tokenizer()
     if isinstance(prompt, str):
         prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
-    use_decoding_layout(model)  # one row: see prepack.py
     run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
                           "prompts or num_return_sequences > 1 use generate()")
     text = TextStream(tokenizer, run.config.stop_strings or [], skip_ids=run.config.eos_ids)
-    for tokens in _decode(run, generator):
-        piece = text.push(int(tokens[0]))
-        if piece:
-            yield piece
+    with _decoding_weights(run):
+        for tokens in _decode(run, generator):
+            piece = text.push(int(tokens[0]))
+            if piece:
+                yield piece
     rest = text.finish()
     if rest:
         yield rest
@@ -156,7 +156,7 @@ class TextStream:
             self.stopped = True
             return self.text[self.shown:min(hits)]
         end = len(self.text) if final else len(self.text) - self._partial_stop_length()
-        piece, self.shown = self.text[self.shown:end], max(self.shown, end)
+        piece, self.shown = self.text[self.shown:end], end
         return piece
 
     def _partial_stop_length(self) -> int:
@@ -232,12 +232,13 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     input_ids = input_ids.long()
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise ConfigError(f"input_ids holds ids outside the model's vocabulary of {vocab} tokens")
-    for name, ids in (("eos_token_id", config.eos_ids), ("pad_token_id", [config.pad_token_id or 0])):
+    pad_ids = [] if config.pad_token_id is None else [config.pad_token_id]
+    for name, ids in (("eos_token_id", config.eos_ids), ("pad_token_id", pad_ids)):
         if any(i >= vocab for i in ids):
             raise SettingError(name, getattr(config, name), f"is outside the model's vocabulary of {vocab} tokens; "
                                "pass an id below it, or None")
 
-    attention_mask = _attention_mask(input_ids, attention_mask, config)
+    attention_mask = _checked_padding_mask(input_ids, attention_mask, config)
     new = config.new_tokens(T)
     if not config.sliding_window:
         _check_length(config, T, context)
@@ -292,8 +293,8 @@ def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    config: GenerationConfig) -> torch.Tensor | None:
+def _checked_padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          config: GenerationConfig) -> torch.Tensor | None:
     """The (B, T) mask to use, or None when no position is padding. Checks that padding is on the left."""
     if attention_mask is None:
         pad = config.pad_token_id
@@ -323,7 +324,7 @@ def _prefill(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: to
 def _first_logits(run: _Run) -> tuple[KVCache, Step, torch.Tensor, int]:
     """Prefill every distinct prompt once, then copy it to the rows that continue it.
 
-    Returns the cache, the decoding step over it (decode_step.py), the first logits and the window start.
+    Returns the cache, the decoding step over it (decode_step.py), the first logits and the window's start.
 
     Rows b*r ... b*r + r - 1 all hold prompt b, so rows 0, r, 2r, ... (a strided view) are the distinct prompts.
     """
@@ -331,37 +332,37 @@ def _first_logits(run: _Run) -> tuple[KVCache, Step, torch.Tensor, int]:
     param = next(run.model.parameters())
     capacity = min(T + run.new_tokens - 1, run.model.config.n_positions)
     cache = KVCache(run.model.config, B, capacity, device=param.device, dtype=param.dtype)
-    start = max(0, T - capacity)  # sliding window: a prompt longer than the context keeps its end
+    window_start = max(0, T - capacity)  # sliding window: a prompt longer than the context keeps its end
     r = run.rows_per_prompt
-    mask = run.mask[::r, start:T] if run.mask is not None else None
-    logits = _prefill(run.model, cache, run.sequences[::r, start:T], mask)
+    mask = run.mask[::r, window_start:T] if run.mask is not None else None
+    logits = _prefill(run.model, cache, run.sequences[::r, window_start:T], mask)
     if r > 1:
         cache = cache.repeat_rows(r)
         logits = logits.repeat_interleave(r, dim=0)
-    return cache, decoding_step(run.model, cache), logits, start
+    return cache, decoding_step(run.model, cache), logits, window_start
 
 
-def _step_logits(run: _Run, cache: KVCache, step: Step, start: int, length: int,
+def _step_logits(run: _Run, cache: KVCache, step: Step, window_start: int, length: int,
                  newest: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Feed the newest tokens (rows,), at column length - 1; return (fp32 logits (rows, vocab), window start).
+    """Feed the newest tokens (rows,), at column length - 1; return (fp32 logits (rows, vocab), the window's start).
 
     With sliding_window, a full cache is emptied and refilled with the newest half of the window: one re-prefill
     buys half a context of cheap steps. (Without it the context was checked up front and the cache never fills.)
     """
     if cache.length == cache.max_len:
         cache.clear()
-        start = length - cache.max_len // 2
-        mask = run.mask[:, start:length] if run.mask is not None else None
-        return _prefill(run.model, cache, run.sequences[:, start:length], mask), start
-    mask = run.mask[:, start:length] if run.mask is not None else None
-    return step(newest, mask).float(), start
+        window_start = length - cache.max_len // 2
+        mask = run.mask[:, window_start:length] if run.mask is not None else None
+        return _prefill(run.model, cache, run.sequences[:, window_start:length], mask), window_start
+    mask = run.mask[:, window_start:length] if run.mask is not None else None
+    return step(newest, mask).float(), window_start
 
 
 def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Greedy search or multinomial sampling; yields each step's tokens (rows,) and fills `run.sequences`."""
     config, T = run.config, run.prompt_length
     rows = run.sequences.shape[0]
-    cache, step_fn, logits, start = _first_logits(run)
+    cache, step_fn, logits, window_start = _first_logits(run)
     can_finish = run.eos is not None or run.stop_strings is not None
     unfinished = torch.ones(rows, dtype=torch.bool, device=run.sequences.device)
     running = rows  # unfinished rows: until one finishes there is no padding to fill in
@@ -374,7 +375,8 @@ def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tens
         else:
             tokens = scores.max(-1).indices  # argmax (the first of equal maxima), in a vectorised pass: 3x faster
         if running < rows and config.pad_id is not None:
-            tokens = torch.where(unfinished, tokens, config.pad_id)  # finished rows only grow padding
+            # Finished rows still take a step (the batch stays one tensor), and grow padding, as in transformers.
+            tokens = torch.where(unfinished, tokens, config.pad_id)
         run.sequences[:, length] = tokens
         length += 1
         run.length = length
@@ -385,7 +387,34 @@ def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tens
             if running == 0:
                 return
         if step + 1 < run.new_tokens:
-            logits, start = _step_logits(run, cache, step_fn, start, length, tokens)
+            logits, window_start = _step_logits(run, cache, step_fn, window_start, length, tokens)
+
+
+def _best_candidates(totals: torch.Tensor, beams: int, candidates: int, do_sample: bool,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2 of beam search: the `candidates` best (or sampled) of the (B, beams * vocab) scores, best first, as
+    (scores, flat indices into beams * vocab), each (B, candidates)."""
+    B, vocab = totals.shape[0], totals.shape[1] // beams
+    if do_sample:
+        flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
+        # Best first, as topk's are: only the first `beams` candidates may finish (step 3).
+        scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
+        return scores, flat.gather(1, order)
+    # One topk over all beams * vocab scores, as transformers takes them, is slow on a CPU (a single long row does
+    # not run in parallel); the best of each beam first, then the best of those, finds the same scores 3x faster,
+    # and the same tokens unless scores tie: which of tied scores topk puts first depends on the shape of the call.
+    # So the fast way looks one candidate further, and where two of those scores are equal (half-precision logits,
+    # tokens sharing an embedding) the single topk decides, as in transformers.
+    per_beam = min(candidates + 1, vocab)
+    beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), per_beam)  # (B * beams, per_beam) each
+    # (B * beams, per_beam) -> (B, beams * per_beam): the best of all beams' bests
+    best, pick = torch.topk(beam_best.view(B, beams * per_beam), min(candidates + 1, beams * per_beam))
+    if bool((best[:, 1:] == best[:, :-1]).any()):
+        return torch.topk(totals, candidates)
+    pick = pick[:, :candidates]
+    # A pick indexes beams * per_beam: its beam is pick // per_beam, its token the beam's (pick % per_beam)-th best.
+    flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
+    return best[:, :candidates], flat
 
 
 def _beam_search(run: _Run, generator: torch.Generator | None,
@@ -411,7 +440,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
     fill = config.pad_id if config.pad_id is not None else -1
 
     running = torch.full((B, beams, max_len), fill, dtype=torch.long, device=device)
-    running[:, :, :T] = run.sequences[:, :T].view(B, beams, T)
+    running[:, :, :T] = run.sequences[:, :T].view(B, beams, T)  # (B * beams, T) -> (B, beams, T)
     # Only the first beam starts alive: identical beams would otherwise propose identical candidates.
     running_scores = torch.full((B, beams), NEG, device=device)
     running_scores[:, 0] = 0.0
@@ -423,37 +452,21 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
     in_top_beams = torch.arange(candidates, device=device) < beams
     batch_offset = torch.arange(B, device=device)[:, None] * beams
 
-    cache, step_fn, logits, start = _first_logits(run)
+    cache, step_fn, logits, window_start = _first_logits(run)
     length = T
     while True:
         vocab = logits.shape[-1]
         logprobs = F.log_softmax(logits, dim=-1)
         if run.processors:
+            # the processors see each beam as a row: (B, beams, length) -> (B * beams, length)
             logprobs = apply_processors(run.processors, running[:, :, :length].reshape(B * beams, length), logprobs)
+        # (B * beams, vocab) -> (B, beams, vocab) + each beam's score -> (B, beams * vocab): one row per prompt
         totals = (logprobs.view(B, beams, vocab) + running_scores[:, :, None]).view(B, beams * vocab)
-        if config.do_sample:
-            flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
-            # Best first, as topk's are: only the first `beams` candidates may finish (step 3).
-            cand_scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
-            flat = flat.gather(1, order)
-        else:
-            # The best `candidates` of all beams * vocab scores. One topk over them, as transformers takes them, is
-            # slow on a CPU (a single long row does not run in parallel); the best of each beam first, then the best
-            # of those, finds the same scores 3x faster, and the same tokens unless scores tie: which of tied scores
-            # topk puts first depends on the shape of the call. So the fast way looks one candidate further, and
-            # where two of those scores are equal (half-precision logits, tokens sharing an embedding) the single
-            # topk decides, as in transformers.
-            per_beam = min(candidates + 1, vocab)
-            beam_best, beam_tokens = torch.topk(totals.view(B * beams, vocab), per_beam)
-            best, pick = torch.topk(beam_best.view(B, beams * per_beam), min(candidates + 1, beams * per_beam))
-            if bool((best[:, 1:] == best[:, :-1]).any()):
-                cand_scores, flat = torch.topk(totals, candidates)
-            else:
-                cand_scores, pick = best[:, :candidates], pick[:, :candidates]
-                flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
+        cand_scores, flat = _best_candidates(totals, beams, candidates, config.do_sample, generator)
         parents, tokens = flat // vocab, flat % vocab                      # (B, candidates) each
         cand = running.gather(1, parents[:, :, None].expand(-1, -1, max_len))  # (B, candidates, max_len), a copy
         cand[:, :, length] = tokens
+        # (B, candidates, length + 1) -> (B * candidates, length + 1) -> ended (B * candidates,) -> (B, candidates)
         ended = run.finished(cand[:, :, :length + 1].reshape(B * candidates, -1)).view(B, candidates)
         if length + 1 == max_len:
             ended[:] = True
@@ -482,7 +495,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         running_scores = alive_scores.gather(1, best)
         length += 1
         if streamer is not None:
-            streamer(running[:, :, length - 1].reshape(-1))
+            streamer(running[:, :, length - 1].reshape(-1))  # (B, beams) -> (B * beams,)
 
         # 5. can any running beam still beat the worst finished hypothesis? (transformers' heuristics)
         if config.early_stopping == "never" and config.length_penalty > 0:
@@ -496,9 +509,11 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         if not bool(improvable.any()) or all_full or bool(ended.all()):
             break
 
+        # each new beam's parent, as a row of the cache: (B, beams) + b * beams -> (B * beams,)
         cache.reorder((parents.gather(1, best) + batch_offset).view(-1), start=T)
-        logits, start = _step_logits(run, cache, step_fn, start, length, running[:, :, length - 1].reshape(-1))
+        newest = running[:, :, length - 1].reshape(-1)  # (B, beams) -> (B * beams,)
+        logits, window_start = _step_logits(run, cache, step_fn, window_start, length, newest)
 
     n = config.num_return_sequences
-    out = done[:, :n].reshape(B * n, max_len)
+    out = done[:, :n].reshape(B * n, max_len)  # (B, n, max_len) -> (B * n, max_len)
     return out[:, :T + int(done_lengths[:, :n].max())]

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import EOT_ID, CheckpointConfigError
+from .config import EOT_ID, CheckpointConfigError, is_integer, is_real
 from .errors import ConfigError
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
@@ -226,8 +226,8 @@ class GenerationConfig:
 
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
-            need(value is None or (_is_int(value) and value > 0), name, "must be a positive integer")
-        need(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
+            need(value is None or (is_integer(value) and value > 0), name, "must be a positive integer")
+        need(is_integer(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
              "must be a non-negative integer")
         need(isinstance(self.do_sample, bool), "do_sample", "must be true or false")
         if self.do_sample:
@@ -235,7 +235,7 @@ class GenerationConfig:
                  "must be finite and > 0 when sampling (for deterministic output use do_sample=False)")
             need(self.temperature >= MIN_DIVISOR, "temperature", f"is too small: the logits divided by it can "
                  f"overflow float32; use at least {MIN_DIVISOR:g} (for the most likely tokens use do_sample=False)")
-        need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
+        need(is_integer(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
         need(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 disables it)")
         need(self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1), "min_p", "must be in [0, 1]")
         need(_is_number(self.typical_p) and 0 < self.typical_p <= 1, "typical_p", "must be in (0, 1] (1 disables it)")
@@ -243,9 +243,9 @@ class GenerationConfig:
              "must be finite and > 0 (1 disables it, > 1 discourages repeats)")
         need(self.repetition_penalty >= MIN_DIVISOR, "repetition_penalty", f"is too small: the logits divided by "
              f"it can overflow float32; use at least {MIN_DIVISOR:g}")
-        need(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
+        need(is_integer(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
              "must be an integer >= 0 (0 disables it)")
-        need(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", "must be an integer >= 1")
+        need(is_integer(self.num_beams) and self.num_beams >= 1, "num_beams", "must be an integer >= 1")
         need(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
         # Beam search divides float32 scores by new_length ** length_penalty, for every length up to the longest
         # (an upper bound here: the prompt's length is not known yet); past float32's range that is a division by
@@ -256,9 +256,9 @@ class GenerationConfig:
             need(abs(self.length_penalty) <= limit, "length_penalty", f"length ** length_penalty leaves float32's "
                  f"range for hypotheses of up to {longest} new tokens; use a value between -{limit:g} and {limit:g}")
         # `1 in (True, False)` is true in Python, so integers are refused explicitly
-        need(self.early_stopping in (True, False, "never") and not _is_int(self.early_stopping),
+        need(self.early_stopping in (True, False, "never") and not is_integer(self.early_stopping),
              "early_stopping", "must be True, False or 'never'")
-        need(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1, "num_return_sequences",
+        need(is_integer(self.num_return_sequences) and self.num_return_sequences >= 1, "num_return_sequences",
              "must be an integer >= 1")
         if self.num_beams == 1:
             need(self.num_return_sequences == 1 or self.do_sample, "num_return_sequences",
@@ -267,9 +267,9 @@ class GenerationConfig:
             need(self.num_return_sequences <= self.num_beams, "num_return_sequences",
                  f"beam search can return at most num_beams={self.num_beams} sequences")
             need(not self.sliding_window, "sliding_window", "is not supported with beam search (num_beams > 1)")
-        need(all(_is_int(i) and i >= 0 for i in self.eos_ids) and (self.eos_token_id != []), "eos_token_id",
+        need(all(is_integer(i) and i >= 0 for i in self.eos_ids) and (self.eos_token_id != []), "eos_token_id",
              "must be a token id >= 0, a non-empty list of them, or None")
-        need(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0), "pad_token_id",
+        need(self.pad_token_id is None or (is_integer(self.pad_token_id) and self.pad_token_id >= 0), "pad_token_id",
              "must be a token id >= 0 or None")
         need(self.stop_strings is None or (isinstance(self.stop_strings, (list, tuple)) and len(self.stop_strings) > 0
                                            and all(isinstance(s, str) and s for s in self.stop_strings)),
@@ -277,13 +277,9 @@ class GenerationConfig:
         need(isinstance(self.sliding_window, bool), "sliding_window", "must be true or false")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     # inf and nan are floats, but no setting means anything at them (a temperature of inf turns -inf logits to nan)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 # The decoding strategies of the classic recipe ("How to generate text", Hugging Face, 2020), by name. Each is a set of

@@ -54,8 +54,8 @@ class KVCache:
     def repeat_rows(self, repeats: int) -> KVCache:
         """A cache with each row repeated `repeats` times in a row (row b -> rows b*repeats ... b*repeats+repeats-1).
 
-        Beam search and num_return_sequences continue one prompt in several rows: the prompt is run once per
-        prompt, then its keys/values are copied into every row that continues it.
+        Beam search and num_return_sequences continue one prompt in several rows: each distinct prompt is
+        prefilled once, then its keys/values are copied into every row that continues it.
         """
         grown = KVCache(self.config, self.batch_size * repeats, self.max_len, self.k.device, self.k.dtype)
         grown.length = n = self.length
@@ -70,7 +70,7 @@ class KVCache:
         of one prompt share the prompt's keys/values, so beam search passes start=prompt length and copies just the
         generated part. A beam that extends itself, the common case, costs nothing.
         """
-        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1).tolist()
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1).tolist()  # (n, 1) -> n
         if not moved:
             return
         parents = index[moved].tolist()

@@ -138,7 +138,7 @@ def typical_p(input_ids: torch.Tensor, scores: torch.Tensor, *, mass: float, min
     last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)  # index of the last kept
     drop_sorted = ranked > ranked.gather(-1, last)
     drop_sorted[:, :min_keep] = False
-    drop = drop_sorted.scatter(1, order, drop_sorted)
+    drop = torch.empty_like(drop_sorted).scatter(1, order, drop_sorted)  # back to token ids (order is a permutation)
     return scores.masked_fill(drop, NEG_INF)
 
 

@@ -44,8 +44,8 @@ class _CrossEntropy(torch.autograd.Function):
             # overflow
             top = z.amax(dim=-1, keepdim=True)
             top = torch.where(top.isinf(), 0.0, top)
-            lse[rows] = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
-        picked = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
+            lse[rows] = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))  # top: (rows, 1) -> (rows,)
+        picked = logits.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,) -> (N, 1) -> (N,)
         count = scored.sum()
         ctx.save_for_backward(logits, safe_targets, scored, lse, count)
         # 0 / 0 = nan when nothing is scored, as F.cross_entropy gives.

@@ -6,7 +6,9 @@
       -> ln_f -> lm_head (the transpose of wte: tied weights) (B, T, vocab_size)
 
 Module names are the Hub's (`transformer.wte`, `transformer.h.N.attn.c_attn`, `transformer.ln_f`, ...), so loading a
-checkpoint is a renaming-free copy (see `hub.py`). B = batch, T = tokens, C = n_embd, nh = n_head, hs = C // nh.
+checkpoint needs no renaming, only a transpose of the four projection weights, which the Hub stores as Conv1D
+(in, out) rather than nn.Linear (out, in) (see `hub.py`). B = batch, T = tokens, C = n_embd, nh = n_head,
+hs = C // nh.
 """
 
 from __future__ import annotations
@@ -103,20 +105,23 @@ def _triton_available() -> bool:
     return kernels.is_available()
 
 
+TRITON_HEAD_SIZES = (16, 32, 64, 128)  # the head sizes kernels/flash_attention.py has tiles for
+
+
 def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: torch.dtype) -> str:
     """The attention to use on `device` for `dtype` activations: "auto" picks triton on a CUDA GPU with triton
-    installed when attention runs in fp16 or bf16, else sdpa.
+    installed when attention runs in fp16 or bf16 with a head size the kernel has tiles for, else sdpa.
 
     fp32 is left to sdpa because the kernel's exact fp32 matmuls spill registers heavily (docs/benchmarks.md,
     "compiled without a GPU"). An explicit "triton" that cannot run here falls back to sdpa with a one-time
     warning rather than failing in the middle of training or generation.
     """
     if name == "auto":
-        fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_size in (16, 32, 64, 128)
+        fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_size in TRITON_HEAD_SIZES
         return "triton" if fast and _triton_available() else "sdpa"
     if name == "triton":
-        if head_size not in (16, 32, 64, 128):
-            _warn_once(f"attn_impl='triton' supports head sizes 16, 32, 64 and 128, not {head_size}; using sdpa")
+        if head_size not in TRITON_HEAD_SIZES:
+            _warn_once(f"attn_impl='triton' supports head sizes {TRITON_HEAD_SIZES}, not {head_size}; using sdpa")
             return "sdpa"
         if not ((device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _triton_available()):
             _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")
@@ -136,10 +141,13 @@ def _warn_once(message: str) -> None:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention in which each position sees itself and the positions before it (and, with a KV cache,
+    every cached one), followed by the output projection: (B, T, C) -> (B, T, C)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # one (C, 3C) product: one large matmul beats three
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = Dropout(config.resid_pdrop)
@@ -171,6 +179,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward layer: C -> 4C, GELU (tanh form, as GPT-2 trained with), 4C -> C."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_size)
@@ -312,7 +322,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            if self.gradient_checkpointing and self.training:
+            # Recomputing a block in backward saves memory only where there is a backward; with a cache (decoding)
+            # the block must also write its keys and values there, which a recomputation would do twice.
+            if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, key_padding, attn_impl, use_reentrant=False)
             else:
                 x = block(x, mask, key_padding, attn_impl, kv_cache, layer)
@@ -329,12 +341,14 @@ class GPT(nn.Module):
     @staticmethod
     def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
                         attn_impl: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None for plain causal.
+        """(mask, key_padding): the boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None
+        for plain causal; and the (B, T) key-padding mask for the triton kernel, or None.
 
         A query sees keys at or before its own position that are not padding. It always sees itself, so that a
         padding query (whose every key is padding) gets finite, ignored output instead of NaN. Without padding, no
         mask is needed for a prompt (past == 0) or for one new token after a cache (it sees every key): the common
-        decoding step builds nothing.
+        decoding step builds nothing. The kernel takes the padding alone (it applies causality itself), and runs
+        only on a prompt (past == 0): the other paths take the full mask.
         """
         key_padding = attention_mask.bool() if attention_mask is not None else None
         if key_padding is not None and bool(key_padding.all()):

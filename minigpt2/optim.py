@@ -160,8 +160,8 @@ class AdamW(torch.optim.Optimizer):
             return
         wave_numel = self._wave_numel(params[0])
         flat, rest = [], []
-        for group in arrays:
-            (flat if wave_numel is not None and _flattenable(group) else rest).append(group)
+        for quad in arrays:  # (p, g, m, v)
+            (flat if wave_numel is not None and _flattenable(quad) else rest).append(quad)
         if rest:  # whole tensors, one multi-tensor call per operation
             _apply(hyper, *(list(column) for column in zip(*rest)))
         if not flat:
@@ -172,9 +172,11 @@ class AdamW(torch.optim.Optimizer):
         if workers == 1:
             _run(*jobs[0])
         else:
-            if self._pool is None or self._pool_size != workers:
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adamw")
-                self._pool_size = workers
+            if self._pool is None or self._pool_size < workers:  # one pool for every group and step
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool_size = max(workers, self.threads or torch.get_num_threads())
+                self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="adamw")
             list(self._pool.map(lambda job: _run(*job), jobs))
 
     def _wave_numel(self, example: torch.Tensor) -> int | None:

@@ -31,12 +31,12 @@ from pathlib import Path
 import tiktoken
 
 from .atomic import write_text_atomically
+from .config import EOT_ID
 from .errors import CheckpointError, DataError
 
 RANKS_FILE = "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-EOT_TEXT = "<|endoftext|>"
-EOT_ID = 50256
+EOT_TEXT = "<|endoftext|>"  # its id, EOT_ID, is part of the model's config too (bos/eos of generation)
 # GPT-2's pre-tokenisation pattern: contractions | letters | digits | other symbols | whitespace (the `(?!\S)` leaves
 # the last space of a run to prefix the next word, so " the" stays one token after a run of spaces).
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

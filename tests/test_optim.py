@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minigpt2 import GPT, GPTConfig
+from minigpt2 import GPT, GPTConfig, optim
 from minigpt2.errors import ConfigError
 from minigpt2.loss import lm_loss
 from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
@@ -84,6 +84,20 @@ def test_result_is_independent_of_threads_and_memory_layout():
     for other in models[1:]:
         assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), other.parameters()))
     assert not models[2].transformer.h[0].mlp.c_fc.weight.is_contiguous()
+
+
+def test_worker_threads_are_started_once(monkeypatch):
+    """The two parameter groups need different numbers of workers: a pool per change meant two new pools (and their
+    threads, never shut down) every step."""
+    pools = []
+    real_pool = optim.ThreadPoolExecutor
+    monkeypatch.setattr(optim, "ThreadPoolExecutor", lambda **kwargs: pools.append(kwargs) or real_pool(**kwargs))
+    model = small_model()
+    optimizer = AdamW(param_groups(model, 0.1), lr=2e-3, chunk_numel=600, threads=4)  # no-decay group: 3 waves
+    for step in range(5):
+        set_same_grads(model, small_model(), step)
+        optimizer.step()
+    assert [kwargs["max_workers"] for kwargs in pools] == [4]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
