@@ -93,11 +93,18 @@ def test_step_equals_the_module_forward_in_bf16_and_falls_back_under_autocast(pa
         with pytest.raises(ValueError, match="autocast"):
             step_both_ways(model, ids, mask, new)
         with torch.inference_mode():
-            cache = KVCache(model.config, 3, 8)
+            cache, second_cache = KVCache(model.config, 3, 8), KVCache(model.config, 3, 8)
             model(ids, attention_mask=mask, kv_cache=cache)
+            model(ids, attention_mask=mask, kv_cache=second_cache)
             grown = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-            fallback = decoding_step(model, cache)(new[:, 0], grown)
+            step = decoding_step(model, cache)
+            assert not isinstance(step, DecodeStep)
+            fallback = step(new[:, 0], grown)
+            module = model(new[:, :1], attention_mask=grown, kv_cache=second_cache)[:, -1]
     assert fallback.dtype == torch.bfloat16
+    # The fallback is the module forward, under the same autocast: the same operations, so the same bits.
+    assert torch.equal(fallback, module)
+    assert torch.equal(cache.kv, second_cache.kv)  # both full: 7 + 1 of 8 positions
     model.to(torch.bfloat16)
     fast, module = step_both_ways(model, ids, mask, new)
     assert fast[0].dtype == torch.bfloat16

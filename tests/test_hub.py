@@ -216,6 +216,49 @@ def test_config_and_weights_mismatch(broken_dir):
         GPT.from_pretrained(broken_dir)
 
 
+def edit_weights(directory: Path, edit) -> dict[str, torch.Tensor]:
+    """Rewrite `directory`'s model.safetensors (written by transformers) after `edit(tensors)`; returns them."""
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return tensors
+
+
+def test_weights_file_missing_a_tensor(broken_dir):
+    """An incomplete file is refused by name; transformers would fill the gap with fresh random values."""
+    edit_weights(broken_dir, lambda tensors: tensors.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken_dir))}: missing tensors "
+                                              r"transformer\.h\.1\.mlp\.c_fc\.bias; the weights file is incomplete$"):
+        GPT.from_pretrained(broken_dir)
+
+
+@pytest.mark.parametrize("name", ["transformer.h.2.ln_1.weight",  # a third block, where config.json says two
+                                  "score.weight"])  # a head of another task (GPT2ForSequenceClassification's)
+def test_weights_file_with_an_unexpected_tensor(broken_dir, name):
+    edit_weights(broken_dir, lambda tensors: tensors.update({name: torch.ones(64)}))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken_dir))}: unexpected tensor '{re.escape(name)}'; "
+                                              r"is this a GPT-2 checkpoint\?$"):
+        GPT.from_pretrained(broken_dir)
+
+
+def test_lm_head_that_differs_from_the_token_embedding_is_refused(broken_dir):
+    """GPT-2's head is the token embedding (tie_word_embeddings=True in config.json): minigpt2 holds one tensor for
+    both. transformers 5.24, given a file whose lm_head.weight differs, does not tie them: it loads both, with a
+    warning, and so computes logits from lm_head.weight. Loading either one into the tied model would therefore
+    give logits that differ from transformers' for the same files (wte's input side or lm_head's output side), so
+    the file is refused. An lm_head.weight equal to wte.weight (OpenAI's upload) loads: see
+    test_original_openai_layout_loads."""
+    tensors = edit_weights(broken_dir, lambda tensors: tensors.update(
+        {"lm_head.weight": tensors["transformer.wte.weight"] + 0.01}))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken_dir))}: lm_head\.weight differs from "
+                                              r"wte\.weight, but GPT-2 ties them$"):
+        GPT.from_pretrained(broken_dir)
+    ref = GPT2LMHeadModel.from_pretrained(broken_dir)
+    assert ref.lm_head.weight is not ref.transformer.wte.weight
+    assert torch.equal(ref.lm_head.weight, tensors["lm_head.weight"])
+    assert torch.equal(ref.transformer.wte.weight, tensors["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("n_head", 0, "a positive integer"),  # was a ZeroDivisionError: n_embd % n_head was checked first
     ("n_layer", 2.0, "a positive integer"),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from minigpt2 import GPT, ConfigError, GPTConfig
 from minigpt2.kv_cache import KVCache
 from minigpt2.loss import lm_loss
-from minigpt2.model import ALIGNED_HEAD_MIN_ROWS, aligned_linear, dropout
+from minigpt2.model import ALIGNED_HEAD_MIN_ROWS, aligned_linear, dropout, naive_attention
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -270,3 +273,120 @@ def test_auto_attention_picks_triton_for_16_bit_cuda_attention_only(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model._attention_dtype(cpu) == torch.bfloat16
     assert model.to(torch.bfloat16)._attention_dtype(cpu) == torch.bfloat16
+
+
+def test_naive_attention_drops_the_softmax_weights_and_scales_the_survivors():
+    """In training, attention dropout zeroes softmax(q k^T / sqrt(hs) + causal mask) elementwise and scales the
+    kept weights by 1 / (1 - p), before they multiply v (as transformers' GPT2Attention does), neither the scores
+    nor the output. The oracle rebuilds the keep-mask as `dropout` documents it: 16 random bits per weight, cut
+    from 64-bit draws of torch's generator, p rounded to 2^-16; everything else is plain torch."""
+    torch.manual_seed(0)
+    B, nh, T, hs, p = 2, 3, 8, 16, 0.3
+    q, k, v = (torch.randn(B, nh, T, hs) for _ in range(3))
+    torch.manual_seed(123)
+    got = naive_attention(q, k, v, None, p)
+
+    dropped = round(p * 2**16)  # 19661 of the 65536 values of 16 bits
+    n = B * nh * T * T
+    torch.manual_seed(123)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    keep = draws.view(torch.int16)[:n].view(B, nh, T, T) >= dropped - 2**15
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    expected = (weights * keep / (1 - dropped / 2**16)) @ v
+    assert 0.6 < keep.float().mean() < 0.8 and keep.tril().sum() < causal.sum() * B * nh  # some weights dropped
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, weights @ v)  # and that changed the output
+
+
+def test_attention_dropout_acts_in_training_only_and_alone_makes_training_differ():
+    """With embedding and residual dropout at 0, a model's training-mode output differs from its eval-mode output
+    only through attn_pdrop: at 0.5 they differ, at 0 (same weights) they are equal; in eval they agree with
+    each other whatever attn_pdrop is."""
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for attn_pdrop in (0.5, 0.0):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32, embd_pdrop=0.0,
+                           resid_pdrop=0.0, attn_pdrop=attn_pdrop)
+        model = GPT(config)
+        with torch.no_grad():
+            outputs[attn_pdrop] = model.train()(x), model.eval()(x)
+    train_dropped, eval_dropped = outputs[0.5]
+    train_plain, eval_plain = outputs[0.0]
+    assert torch.equal(eval_dropped, eval_plain)  # the same weights: attn_pdrop changes nothing in eval
+    assert not torch.allclose(train_dropped, eval_dropped, atol=1e-3)
+    assert torch.equal(train_plain, eval_plain)
+
+
+def test_initialisation_from_scratch_matches_transformers_statistics():
+    """A fresh GPT's parameters follow the distribution transformers' GPT2LMHeadModel initialises with (GPT-2's
+    init): each weight matrix and embedding N(0, initializer_range), the two projections that write into the
+    residual stream (attn.c_proj, mlp.c_proj) N(0, initializer_range / sqrt(2 n_layer)), biases 0, LayerNorms 1
+    and 0. Compared per parameter by Hub name against transformers' own init (mean, std, and the share within one
+    std, which tells a normal from a uniform of the same std), and against the hand-computed std. transformers
+    stores Conv1D weights transposed: the same numbers, so these statistics compare directly."""
+    shape = dict(n_layer=4, n_head=4, n_embd=256, vocab_size=5000, n_positions=256)
+    torch.manual_seed(0)
+    ours = dict(GPT(GPTConfig(**shape)).named_parameters())
+    torch.manual_seed(1)
+    ref = dict(GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=0, eos_token_id=0)).named_parameters())
+    assert sorted(ours) == sorted(ref)
+    residual_std = 0.02 / math.sqrt(2 * shape["n_layer"])
+    for name, theirs in ref.items():
+        mine = ours[name].detach()
+        theirs = theirs.detach()
+        if name.endswith("bias"):
+            assert torch.equal(mine, torch.zeros_like(mine)) and torch.equal(theirs, mine), name
+        elif ".ln_" in name:
+            assert torch.equal(mine, torch.ones_like(mine)) and torch.equal(theirs, mine), name
+        else:
+            n = mine.numel()
+            expected_std = residual_std if name.endswith("c_proj.weight") else 0.02
+            for std in (mine.std().item(), theirs.std().item()):
+                assert abs(std / expected_std - 1) < 0.03, (name, std, expected_std)
+            assert abs(mine.std().item() / theirs.std().item() - 1) < 0.03, name
+            # Means: within 6 standard errors of each other (about 8e-5 for N(0, 0.02) over 256 x 256 values).
+            assert abs(mine.mean().item() - theirs.mean().item()) < 6 * expected_std * math.sqrt(2 / n), name
+            within = [((t - t.mean()).abs() < t.std()).float().mean().item() for t in (mine, theirs)]
+            assert abs(within[0] - within[1]) < 0.01, (name, within)  # 0.683 for a normal, 0.577 for a uniform
+
+
+def test_explicit_position_ids_match_transformers(hf_checkpoint):
+    """position_ids given to forward are the positions used, per row: one row starting at 5, another at 40 and
+    skipping, against GPT2LMHeadModel given the same position_ids. They must also change the logits, else the
+    comparison would not tell explicit positions from the default 0 .. T-1."""
+    ours, ref = load_pair(hf_checkpoint())
+    torch.manual_seed(8)
+    input_ids = torch.randint(0, 50257, (2, 12))
+    position_ids = torch.stack([torch.arange(5, 17), torch.arange(40, 64, 2)])
+    with torch.no_grad():
+        logits = ours(input_ids, position_ids=position_ids)
+        expected = ref(input_ids, position_ids=position_ids).logits
+        default = ours(input_ids)
+    assert max_rel_err(logits, expected) <= 1e-5
+    assert max_rel_err(default, expected) > 1e-2
+
+
+def test_kv_cache_with_gradient_checkpointing_in_training_equals_full_forward(hf_checkpoint):
+    """A model in training mode with gradient checkpointing on (and every dropout 0, so training mode is
+    deterministic) decodes through a KV cache to the logits of its own full forward and of transformers'.
+    Checkpointing used to run each block without the cache: the cache's keys and values were never written, and
+    every step after the prompt attended to uninitialised memory."""
+    ours, ref = load_pair(hf_checkpoint(), embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    ours.train()
+    ours.gradient_checkpointing = True
+    torch.manual_seed(4)
+    input_ids = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        expected = ref(input_ids).logits
+    full = ours(input_ids).detach()  # with autograd on, so the blocks really are checkpointed
+    with torch.no_grad():  # as generate() decodes (KVCache.update cannot write tensors that require grad)
+        cache = KVCache(ours.config, batch_size=2, max_len=30)
+        steps = [ours(input_ids[:, :12], kv_cache=cache), ours(input_ids[:, 12:15], kv_cache=cache)]
+        for t in range(15, 30):
+            steps.append(ours(input_ids[:, t:t + 1], kv_cache=cache))
+    assert cache.length == 30
+    assert max_rel_err(full, expected) <= 1e-5
+    assert max_rel_err(torch.cat(steps, dim=1), full) <= 1e-5

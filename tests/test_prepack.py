@@ -40,22 +40,49 @@ def test_packed_product_equals_the_linear_layer(rows, bias):
     torch.testing.assert_close(y.double(), exact(linear, x), rtol=1e-5, atol=1e-5)
 
 
-def test_autograd_and_autocast_take_the_ordinary_product():
+def test_autograd_and_autocast_take_the_ordinary_product(monkeypatch):
     """The packed op has no gradient and takes fp32 only: with grad on, or bf16 inputs, the layer multiplies as
-    usual (correct gradients, no dtype error)."""
+    usual (correct gradients, no dtype error, autocast's own product)."""
     torch.manual_seed(0)
     linear = nn.Linear(16, 24)
     x = torch.randn(4, 16, requires_grad=True)
     with prepack.prepacked(linear, 4):
         assert not ran_packed_op(lambda: linear(x).sum().backward())
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert linear(x.detach()).dtype == torch.bfloat16
+            out = []
+            assert not ran_packed_op(lambda: out.append(linear(x.detach())))
+            assert out[0].dtype == torch.bfloat16
+            assert torch.equal(out[0], F.linear(x.detach(), linear.weight, linear.bias))  # autocast's bf16 product
     torch.testing.assert_close(linear.weight.grad, x.detach().sum(0).expand(24, 16))
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(torch.tensor([[1, 2, 3]]), num_beams=4, max_new_tokens=10, eos_token_id=None,
-                             pad_token_id=0)
+
+    # eval: no dropout, so that two calls compute the same; initializer_range=0.2: peaked distributions, so that
+    # the beams take several different tokens (with the default init all ten are one token)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32, initializer_range=0.2)
+    model = GPT(config).eval()
+    logits = []  # every step's logits, (rows, 1, vocab), as the head computes them
+    model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out.clone()))
+
+    def beams(packed_layers: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tokens and step logits of generate() under bf16 autocast, inside prepacked(model, 4): generate itself
+        does not pack under autocast, so this makes the packed layers meet autocast; with packed_layers=False,
+        packing is switched off (`supported`) and every layer is the plain nn.Linear, the reference."""
+        logits.clear()
+        with monkeypatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+            if not packed_layers:
+                patch.setattr(prepack, "supported", lambda linear: False)
+            with torch.inference_mode(), prepack.prepacked(model, 4):
+                assert all("forward" in vars(m) for m in (model.lm_head, model.transformer.h[0].attn.c_attn)) \
+                    == packed_layers
+                out = model.generate(torch.tensor([[1, 2, 3]]), num_beams=4, max_new_tokens=10, eos_token_id=None,
+                                     pad_token_id=0)
+        return out, list(logits)
+
+    out, steps = beams(packed_layers=True)
+    expected, expected_steps = beams(packed_layers=False)
     assert out.shape == (1, 13)
+    assert torch.equal(out, expected)
+    assert len(steps) == len(expected_steps) == 10 and all(step.dtype == torch.bfloat16 for step in steps)
+    assert all(torch.equal(a, b) for a, b in zip(steps, expected_steps))
 
 
 def test_subclasses_and_replaced_forwards_are_left_alone():
