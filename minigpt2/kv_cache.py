@@ -17,6 +17,10 @@ class KVCache:
 
     Both live in one tensor, `kv` (n_layer, 2, B, n_head, max_len, head_size), of which `k` and `v` are views: a
     decoding step then stores a layer's new key and value with one copy (see decode_step.py).
+
+    Writes go through `kv` itself, so the cache also works with autograd on: keys and values that require grad make
+    `kv` part of the graph. The views are therefore taken afresh at each use (autograd refuses in-place writes into
+    views that one call returned several of, like `unbind`'s).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
@@ -25,10 +29,19 @@ class KVCache:
             raise ValueError(f"max_len={max_len} exceeds the model's context of {config.n_positions} positions")
         shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_size)
         self.kv = torch.empty(shape, device=device, dtype=dtype)
-        self.k, self.v = self.kv.unbind(1)  # (n_layer, B, n_head, max_len, head_size) each
         self.length = 0
         self.max_len = max_len
         self.config = config
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys of every layer, (n_layer, B, n_head, max_len, head_size): a view of `kv`."""
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Values of every layer, (n_layer, B, n_head, max_len, head_size): a view of `kv`."""
+        return self.kv[:, 1]
 
     @property
     def batch_size(self) -> int:
@@ -39,9 +52,14 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.kv[layer, 0, :, :, start:end] = k
+        self.kv[layer, 1, :, :, start:end] = v
+        keys, values = self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+        if self.kv.requires_grad:
+            # Attention saves its keys and values for the backward pass, and the next step writes into this storage:
+            # hand it copies, as a cache that grows by torch.cat would.
+            return keys.clone(), values.clone()
+        return keys, values
 
     def advance(self, steps: int) -> None:
         """Mark `steps` more positions as filled (the model calls this once per forward, after every layer)."""

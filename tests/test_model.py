@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from minigpt2 import GPT, ConfigError, GPTConfig
 from minigpt2.kv_cache import KVCache
@@ -103,6 +104,38 @@ def test_kv_cache_equals_full_forward(hf_checkpoint, attn_impl):
             steps.append(ours(input_ids[:, t:t + 1], kv_cache=cache))
     assert cache.length == 30
     assert max_rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+def test_gradients_flow_through_the_kv_cache_as_through_transformers_past_key_values(hf_checkpoint, attn_impl):
+    """With autograd on, logits computed in three chunks through a KV cache back-propagate into the weights as
+    transformers' do through past_key_values: later chunks' keys and values come from the earlier chunks' graph.
+    Writing into the cache used to raise autograd's error about in-place writes into unbind's views."""
+    path = hf_checkpoint()
+    ours = GPT.from_pretrained(path, attn_impl=attn_impl)
+    ref = GPT2LMHeadModel.from_pretrained(path).eval()
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 50257, (2, 20))
+    chunks = [slice(0, 8), slice(8, 9), slice(9, 20)]
+    cache = KVCache(ours.config, batch_size=2, max_len=20)
+    logits = torch.cat([ours(input_ids[:, chunk], kv_cache=cache) for chunk in chunks], dim=1)
+    past, expected = None, []
+    for chunk in chunks:
+        out = ref(input_ids[:, chunk], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        expected.append(out.logits)
+    expected = torch.cat(expected, dim=1)
+    assert max_rel_err(logits.detach(), expected.detach()) <= 1e-5
+    # A loss that weighs each position differently, so that a gradient lost between chunks would show.
+    weights = torch.linspace(0.5, 2.0, 20)[None, :, None]
+    (logits.log_softmax(-1) * weights).sum().backward()
+    (expected.log_softmax(-1) * weights).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        theirs = ref_params[name].grad
+        if isinstance(ref.get_submodule(name.rpartition(".")[0]), Conv1D) and name.endswith(".weight"):
+            theirs = theirs.t()  # transformers' Conv1D stores (in, out); nn.Linear (out, in)
+        assert max_rel_err(param.grad, theirs) <= 1e-5, name
 
 
 def test_context_overflow_is_a_clear_error(hf_checkpoint):
@@ -382,7 +415,7 @@ def test_kv_cache_with_gradient_checkpointing_in_training_equals_full_forward(hf
     with torch.no_grad():
         expected = ref(input_ids).logits
     full = ours(input_ids).detach()  # with autograd on, so the blocks really are checkpointed
-    with torch.no_grad():  # as generate() decodes (KVCache.update cannot write tensors that require grad)
+    with torch.no_grad():  # as generate() decodes
         cache = KVCache(ours.config, batch_size=2, max_len=30)
         steps = [ours(input_ids[:, :12], kv_cache=cache), ours(input_ids[:, 12:15], kv_cache=cache)]
         for t in range(15, 30):
