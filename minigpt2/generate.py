@@ -295,11 +295,18 @@ def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:
 
 def _checked_padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           config: GenerationConfig) -> torch.Tensor | None:
-    """The (B, T) mask to use, or None when no position is padding. Checks that padding is on the left."""
+    """The (B, T) mask to use, or None when no position is padding. Checks that padding is on the left.
+
+    Without a mask, pad_token_id marks the padding (unless it is also an end-of-text id), as in transformers."""
     if attention_mask is None:
         pad = config.pad_token_id
         if pad is None or pad in config.eos_ids or not bool((input_ids == pad).any()):
             return None
+        ends_in_pad = (input_ids[:, -1] == pad).nonzero()
+        if len(ends_in_pad):
+            raise ConfigError(f"prompt {int(ends_in_pad[0])} of the batch ends with pad_token_id {pad}, which marks "
+                              f"padding when no attention_mask is given, and generation appends to the right; pad "
+                              f"on the left, or pass an attention_mask if that token is text")
         attention_mask = (input_ids != pad).long()
     if attention_mask.shape != input_ids.shape:
         raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "

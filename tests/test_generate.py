@@ -338,6 +338,31 @@ def test_mask_inferred_from_pad_token_id_like_transformers(pair):
     assert_same(pair, ids, max_new_tokens=8, pad_token_id=pad)
 
 
+def test_a_prompt_ending_in_the_pad_token_needs_a_mask(pair):
+    """Without an attention_mask, pad_token_id marks padding; a prompt that ends with it is refused, naming the
+    fix, where transformers warns about right padding and generates after a masked-out last token. With a mask
+    that says the token is text, both generate the same."""
+    ours, _ = pair
+    ids, _ = prompts(16, (6, 6))
+    ids[1, -1] = 11
+    with pytest.raises(ConfigError, match=r"^prompt 1 of the batch ends with pad_token_id 11, which marks padding "
+                                          r"when no attention_mask is given.*pass an attention_mask if that token "
+                                          r"is text$"):
+        ours.generate(ids, max_new_tokens=4, pad_token_id=11)
+    assert_same(pair, ids, torch.ones_like(ids), max_new_tokens=4, pad_token_id=11)
+
+
+@pytest.mark.parametrize(("mask", "message"), [
+    (torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), r"^attention_mask has padding at the end of a prompt; .*pad on the "
+                                                  r"left \(tokenizer padding_side='left'\)$"),
+    (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), r"^prompt 1 of the batch is empty \(its attention_mask is all 0\)$"),
+    (torch.ones(2, 3, dtype=torch.long), r"^attention_mask has shape \(2, 3\) but input_ids has \(2, 4\)$"),
+])
+def test_masks_that_cannot_be_generated_from_are_refused(pair, mask, message):
+    with pytest.raises(ConfigError, match=message):
+        pair[0].generate(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), attention_mask=mask, max_new_tokens=2)
+
+
 def test_repetition_penalty_counts_only_leading_zeros_of_the_mask_as_padding(hf_checkpoint):
     """A 0 inside a prompt masks that token from attention, but the tokens before it are still text that
     transformers penalises: only the zeros before a row's first 1 are padding. (16 tokens: each prompt holds
