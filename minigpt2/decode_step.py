@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import KVCache
-from .model import GPT, MLP, Block, CausalSelfAttention, Dropout
+from .model import GPT, MLP, Block, CausalSelfAttention, Dropout, attention_masks
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (tokens (rows,), attention mask) -> logits
@@ -69,7 +69,7 @@ def supports(model: nn.Module) -> bool:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    if any(name in vars(model) for name in ("head", "hidden_states", "_attention_mask")):
+    if any(name in vars(model) for name in ("head", "hidden_states")):
         return False
     for module in model.modules():
         kind = type(module)
@@ -120,11 +120,11 @@ class DecodeStep:
             places.append(self.outputs[start:end].view(rows, -1))
         self.blocks = []
         for i, (block, (c_attn, c_proj, c_fc, mlp_proj)) in enumerate(zip(t.h, layers)):
-            qkv, proj, fc, mlp = places[4 * i:4 * i + 4]
-            heads = qkv.view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs): q, k, v by head
-            self.blocks.append((_norm(block.ln_1), _projection(c_attn, qkv, result_in_out=True), heads[:, 0],
-                                heads[:, 1:], _projection(c_proj, proj), _norm(block.ln_2), _projection(c_fc, fc),
-                                _projection(mlp_proj, mlp)))
+            qkv_out, proj_out, fc_out, mlp_proj_out = places[4 * i:4 * i + 4]
+            heads = qkv_out.view(rows, 3, nh, 1, C // nh)  # (rows, 3C) -> (rows, 3, nh, 1, hs): q, k, v by head
+            self.blocks.append((_norm(block.ln_1), _projection(c_attn, qkv_out, result_in_out=True), heads[:, 0],
+                                heads[:, 1:], _projection(c_proj, proj_out), _norm(block.ln_2),
+                                _projection(c_fc, fc_out), _projection(mlp_proj, mlp_proj_out)))
         self.ln_f = _norm(t.ln_f)
         # The head has no bias (`supports`): packed (prepack.py), or a product with the transposed table.
         packed_head = vars(model.lm_head).get("forward")
@@ -154,7 +154,7 @@ class DecodeStep:
         else:
             # Positions count real tokens only and the mask hides padding, as in the module forward.
             x = F.embedding(tokens, self.wte) + F.embedding(attention_mask.long().sum(-1) - 1, self.wpe)
-            mask = GPT._attention_mask(1, past, attention_mask, tokens.device, "sdpa")[0]  # (rows, 1, 1, past + 1)
+            mask = attention_masks(1, past, attention_mask, tokens.device, "sdpa")[0]  # (rows, 1, 1, past + 1)
         C = x.shape[-1]
         for (ln_1, c_attn, q, new_kv, c_proj, ln_2, c_fc, mlp_proj), slot, k, v in zip(self.blocks, slots, keys,
                                                                                      values):

@@ -97,6 +97,30 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
 
 
+def attention_masks(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
+                    attn_impl: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask, key_padding): the boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None
+    for plain causal; and the (B, T) key-padding mask for the triton kernel, or None.
+
+    A query sees keys at or before its own position that are not padding. It always sees itself, so that a
+    padding query (whose every key is padding) gets finite, ignored output instead of NaN. Without padding, no
+    mask is needed for a prompt (past == 0) or for one new token after a cache (it sees every key): the common
+    decoding step builds nothing. The kernel takes the padding alone (it applies causality itself), and runs
+    only on a prompt (past == 0): the other paths take the full mask.
+    """
+    key_padding = attention_mask.bool() if attention_mask is not None else None
+    if key_padding is not None and bool(key_padding.all()):
+        key_padding = None
+    if key_padding is None and (past == 0 or T == 1):
+        return None, None
+    q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
+    k_pos = torch.arange(past + T, device=device).unsqueeze(0)        # (1, past + T)
+    mask = (k_pos <= q_pos)[None, None]                                # (1, 1, T, past + T)
+    if key_padding is not None:
+        mask = mask & (key_padding[:, None, None, :] | (k_pos == q_pos))  # (B, 1, T, past + T)
+    return mask, (key_padding if attn_impl == "triton" and past == 0 else None)
+
+
 def _triton_available() -> bool:
     try:
         import kernels
@@ -317,7 +341,7 @@ class GPT(nn.Module):
             _warn_once(f"attn_impl='triton' has no attention dropout: training with attn_pdrop="
                        f"{self.config.attn_pdrop} runs sdpa (on a CPU, the naive attention) instead; set it to 0 "
                        "(train.py --dropout 0) to train with the kernel")
-        mask, key_padding = self._attention_mask(T, past, attention_mask, input_ids.device, attn_impl)
+        mask, key_padding = attention_masks(T, past, attention_mask, input_ids.device, attn_impl)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)
@@ -337,30 +361,6 @@ class GPT(nn.Module):
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.transformer.wte.weight.dtype
-
-    @staticmethod
-    def _attention_mask(T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device,
-                        attn_impl: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(mask, key_padding): the boolean mask (B or 1, 1, T, past + T) of which keys each query may see, or None
-        for plain causal; and the (B, T) key-padding mask for the triton kernel, or None.
-
-        A query sees keys at or before its own position that are not padding. It always sees itself, so that a
-        padding query (whose every key is padding) gets finite, ignored output instead of NaN. Without padding, no
-        mask is needed for a prompt (past == 0) or for one new token after a cache (it sees every key): the common
-        decoding step builds nothing. The kernel takes the padding alone (it applies causality itself), and runs
-        only on a prompt (past == 0): the other paths take the full mask.
-        """
-        key_padding = attention_mask.bool() if attention_mask is not None else None
-        if key_padding is not None and bool(key_padding.all()):
-            key_padding = None
-        if key_padding is None and (past == 0 or T == 1):
-            return None, None
-        q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)  # (T, 1)
-        k_pos = torch.arange(past + T, device=device).unsqueeze(0)        # (1, past + T)
-        mask = (k_pos <= q_pos)[None, None]                                # (1, 1, T, past + T)
-        if key_padding is not None:
-            mask = mask & (key_padding[:, None, None, :] | (k_pos == q_pos))  # (B, 1, T, past + T)
-        return mask, (key_padding if attn_impl == "triton" and past == 0 else None)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100,
              **forward_kwargs: torch.Tensor) -> torch.Tensor:
