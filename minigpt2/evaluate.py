@@ -40,6 +40,7 @@ from typing import NamedTuple
 from .cli import (add_flag, interrupt_quietly, make_parser, parse_path, parse_seed, read_text_file, resolve_device,
                   run_main)
 from .errors import ConfigError, DataError
+from .sources import FOLDER_SUFFIXES, text_files
 
 # Run as `python -m minigpt2.evaluate`, Ctrl-C while torch loads ends the command quietly; imported, it is the caller's.
 with interrupt_quietly() if __name__ == "__main__" else contextlib.nullcontext():
@@ -52,7 +53,6 @@ with interrupt_quietly() if __name__ == "__main__" else contextlib.nullcontext()
     from .model import GPT
     from .tokenizer import EOT_ID, Tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md")
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) ~ 1e304 is still a float; the exp of a larger loss overflows
 IGNORE = -100  # the label of a position that is fed to the model but not scored
 
@@ -206,14 +206,14 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; pass a text file, a folder of "
-                        f"{'/'.join(TEXT_SUFFIXES)} files, or a dataset folder written by data/prepare.py")
+                        f"{'/'.join(FOLDER_SUFFIXES)} files, or a dataset folder written by data/prepare.py")
     tokenizer = tokenizer or Tokenizer()
     if path.is_dir() and any((path / name).is_file() for name in ("meta.json", "val.bin")):
         return _load_prepared(path, tokenizer)  # a broken one gets PreparedDataset's precise error
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = text_files(path)
         if not files:
-            raise DataError(f"{path}: the folder holds no {' or '.join(TEXT_SUFFIXES)} files and no val.bin; add "
+            raise DataError(f"{path}: the folder holds no {' or '.join(FOLDER_SUFFIXES)} files and no val.bin; add "
                             "text files to it, or pass a text file or a dataset folder written by data/prepare.py")
     else:
         files = [path]

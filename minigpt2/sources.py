@@ -44,6 +44,7 @@ ERROR_MODES = ("strict", "replace")
 READ_BLOCK = 1 << 20  # characters of a .json list parsed at a time
 MAX_JSON_RECORD = 1 << 28  # a .json element that is still unparsable after this many characters is malformed
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
+_LONE_CR = re.compile(r"(?<=\r)(?!\n|$)")  # just after a CR that ends a line by itself
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -174,17 +175,22 @@ class Source:
         yield self._decode(raw, file, 0)
 
     def _paragraphs(self, file: SourceFile) -> Iterator[str]:
-        """Documents of a .txt file: split at blank lines, or at each occurrence of the separator."""
+        """Documents of a .txt file: split at blank lines, or at each occurrence of the separator.
+
+        Lines end with LF, CRLF, or CR alone (classic Mac OS): `_lines` splits at LF only, so a CR-only file is one
+        line here until it is cut after each lone CR.
+        """
         lines: list[str] = []
-        for _, line in self._lines(file):
+        for _, raw_line in self._lines(file):
             if self.separator is None:
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield "".join(lines).rstrip("\r\n")
-                    lines = []
+                for line in _LONE_CR.split(raw_line) if "\r" in raw_line else (raw_line,):
+                    if line.strip():
+                        lines.append(line)
+                    elif lines:
+                        yield "".join(lines).rstrip("\r\n")
+                        lines = []
                 continue
-            *ends, rest = line.split(self.separator)
+            *ends, rest = raw_line.split(self.separator)
             for end in ends:  # each piece before a separator closes the document in progress
                 lines.append(end)
                 yield "".join(lines).strip("\r\n")
@@ -356,20 +362,36 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def text_files(folder: Path) -> list[Path]:
+    """The .txt/.md files under `folder`, recursively, sorted; hidden files and folders are skipped.
+
+    Symbolic links to folders are followed (a corpus often links in text kept elsewhere), each real folder once, so
+    a link back up the tree does not loop.
+    """
+    found = []
+    seen: set[str] = set()
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(parent, n) for n in names if not n.startswith(".") and n.lower().endswith(FOLDER_SUFFIXES)]
+    return sorted(found)
+
+
 def _list_files(path: Path) -> list[Path]:
-    """The input files of `path`: itself, or the .txt/.md files under a folder (sorted, hidden ones skipped)."""
+    """The input files of `path`: itself, or its `text_files` if it is a folder."""
     kinds = ", ".join(FILE_SUFFIXES)
     if not path.exists():
         raise DataError(f"{path} does not exist; pass a {kinds} file or a folder of .txt/.md files")
     if path.is_dir():
-        found = []
-        for folder, subfolders, names in os.walk(path):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            found += [Path(folder, n) for n in names if not n.startswith(".") and n.lower().endswith(FOLDER_SUFFIXES)]
+        found = text_files(path)
         if not found:
             raise DataError(f"{path} contains no .txt or .md files (searched recursively); add some, or pass a "
                             f"single {kinds} file")
-        return sorted(found)
+        return found
     if path.suffix.lower() not in FILE_SUFFIXES:
         what = f"type {path.suffix!r}" if path.suffix else "type (no extension)"
         raise DataError(f"{path}: unsupported file {what}; supported: {kinds} or a folder (rename a plain-text "

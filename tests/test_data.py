@@ -100,6 +100,17 @@ def test_txt_is_cleaned_deduplicated_and_packed(tmp_path):
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])  # Unix, Windows, classic Mac OS
+def test_txt_paragraphs_split_at_blank_lines_whatever_the_line_ending(tmp_path, newline):
+    """A file whose lines end with CR alone was one document: reading splits at LF only."""
+    text = newline.join(["first line", "second line", "", "next paragraph", " ", "", "last", ""])
+    source = write(tmp_path / "corpus.txt", text)
+    prepare_dataset(source, tmp_path / "out", progress=False)
+    check_prepared(tmp_path / "out", ["first line\nsecond line", "next paragraph", "last"])
+    prepare_dataset(source, tmp_path / "raw", normalize_whitespace=False, progress=False)
+    check_prepared(tmp_path / "raw", [f"first line{newline}second line", "next paragraph", "last"])
+
+
 def test_cleaning_steps_can_be_switched_off(tmp_path):
     source = write(tmp_path / "messy.txt", MESSY)
     meta = prepare_dataset(source, tmp_path / "out", strip_html=False, normalize_unicode=False, drop_control=False,
@@ -143,6 +154,22 @@ def test_formats_and_folders(tmp_path):
         check_prepared(tmp_path / f"out-{name}", expected)
     files = PreparedDataset(tmp_path / "out-folder").meta["source"]["files"]
     assert [f["path"] for f in files] == ["b.txt", "c.TXT", "sub/a.md"]
+
+
+def test_linked_folders_are_read_once_each(tmp_path):
+    """A folder linked into the corpus is read (it was skipped without a word); a link back up the tree, or a
+    second link to a folder already read, adds nothing."""
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere / "far.txt", "far away")
+    corpus = tmp_path / "corpus"
+    write(corpus / "a.txt", "near")
+    (corpus / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (corpus / "z-again").symlink_to(elsewhere, target_is_directory=True)
+    (corpus / "loop").symlink_to(corpus, target_is_directory=True)
+    prepare_dataset(corpus, tmp_path / "out", progress=False)
+    check_prepared(tmp_path / "out", ["near", "far away"])
+    files = PreparedDataset(tmp_path / "out").meta["source"]["files"]
+    assert [f["path"] for f in files] == ["a.txt", "linked/far.txt"]
 
 
 def test_json_list_streams_in_small_blocks(tmp_path, monkeypatch):

@@ -156,10 +156,16 @@ def test_folder_is_documents_joined_by_endoftext(tmp_path):
     (tmp_path / "b.md").write_text("second", encoding="utf-8")
     (tmp_path / "a.txt").write_text("first é", encoding="utf-8")
     (tmp_path / "skip.bin").write_bytes(b"\x00")
+    # The folders data/prepare.py would read, and only those: hidden ones (an editor's backups) are not text.
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("stale copy", encoding="utf-8")
+    (tmp_path / "c-linked").symlink_to(tmp_path / ".ipynb_checkpoints", target_is_directory=True)
     loaded = load_eval_text(tmp_path)
+    assert loaded.source == f"{tmp_path} (3 files)"
     tok = Tokenizer()
-    assert loaded.tokens.tolist() == tok.encode("first é") + [tok.eot_token] + tok.encode("second")
-    assert loaded.n_bytes == len("first é".encode()) + len(b"second")
+    assert loaded.tokens.tolist() == (tok.encode("first é") + [tok.eot_token] + tok.encode("second")
+                                      + [tok.eot_token] + tok.encode("stale copy"))  # c-linked/a-checkpoint.txt
+    assert loaded.n_bytes == len("first é".encode()) + len(b"second") + len(b"stale copy")
 
 
 def test_byte_order_mark_is_not_text(tmp_path):
