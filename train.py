@@ -147,13 +147,13 @@ def write_before_after_report(config: TrainConfig, trainer, result) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        where = Path(config.out) / "train_config.json"
-        print(f"settings (written to {where} when training starts):\n{config.describe()}", flush=True)
 
     from minigpt2.trainer import Trainer
 
-    trainer = Trainer(config)
+    trainer = Trainer(config)  # loads the model and data: bad input is refused here, before any settings are shown
+    if main_process:
+        where = Path(config.out) / "train_config.json"
+        print(f"settings (written to {where} when training starts):\n{config.describe()}", flush=True)
     try:
         with trainer.out_locked():  # through the samples and the report too: they are files of the run
             result = trainer.train()

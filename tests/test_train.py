@@ -719,6 +719,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_touches_nothing(init_dir, prepared
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, (what, done.stderr)
         assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in done.stderr, (what, done.stderr)
+        assert "settings" not in done.stdout, (what, done.stdout)  # shown once the run's input is accepted
         errors[what] = lines[0]
     assert "already holds a training run" in errors["existing run"] and "--resume" in errors["existing run"]
     assert "nowhere" in errors["missing data"] and "--bogus" in errors["unknown flag"]
@@ -1034,6 +1035,8 @@ def test_cli_scratch_run_end_to_end(prepared, tmp_path):
                    "--progress", "false", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "--- sample" in done.stdout and f"the model is in {out}" in done.stdout
+    assert f"settings (written to {out / 'train_config.json'} when training starts):\n  init = 'scratch'\n" in \
+        done.stdout
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["init"] == "scratch" and saved["max_steps"] == 4
     assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
