@@ -1,6 +1,6 @@
 """Decoding speed of minigpt2's generate() vs transformers' GPT2LMHeadModel.generate, same weights, in one run.
 
-    python benchmarks/generate.py [--preset gpt2] [--new 64] [--repeats 3] [--dtypes fp32,bf16] [--threads N]
+    python benchmarks/generate.py [--preset gpt2] [--new 64] [--repeats 5] [--dtypes fp32,bf16] [--threads N]
 
 Both models load one checkpoint that transformers writes with random weights (no Hub needed). Three workloads, each
 timed alternately for the two libraries, best of --repeats after a warm-up:

@@ -1,6 +1,6 @@
 """Compile the flash-attention kernels for a GPU architecture on a machine that has no GPU.
 
-    python -m kernels.compile_check [--arch 80 90] [--dtypes fp16 bf16] [--head_dims 64] [--padding both] [--json]
+    python -m kernels.compile_check [--arch 80 90] [--dtypes fp16 bf16 fp32] [--head_dims 64] [--padding both] [--json]
 
 Triton's interpreter (TRITON_INTERPRET=1), which the CPU tests use, runs the kernels' Python and checks their
 arithmetic, but never lowers them to a GPU: a tile too small for tl.dot, an autotuning candidate that needs more

@@ -2,7 +2,8 @@
 
 The new content goes to a temporary file beside the target, which is then renamed over it: on POSIX and Windows a
 rename within one directory replaces the target in a single step, so readers see the old file or the new one,
-never a mix. Every file minigpt2 writes goes through here (checkpoint directories are staged the same way, whole).
+never a mix. Every file minigpt2 writes goes through here (checkpoint directories are staged the same way, whole),
+but metrics.jsonl, which grows a line at a time (cutting it back on resume goes through here).
 A command that fails leaves no folder behind either: see `removed_if_failed`. A process killed outright (SIGKILL, a
 crash) cannot clean up: the staging folders it leaves are deleted by the next save of the same name (`staging_path`).
 And two processes never write one folder's files at once: see `FolderLock`.

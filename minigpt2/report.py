@@ -5,7 +5,7 @@ person: the classic recipe ends with "manual assessment" of coherence, relevance
 prepares that reading. For a handful of prompts it samples both models with every decoding strategy and lays the
 samples side by side, each with three figures from `quality.py` that point at what to look for:
 
-    distinct-1 / distinct-2   share of distinct words / word pairs      low  -> the text keeps reusing itself
+    distinct-1 / distinct-2   share of distinct tokens / token pairs    low  -> the text keeps reusing itself
     repeated 3-gram rate      share of 3-grams seen earlier in the text high -> it is looping
     mean log-prob             the generating model's own confidence     high + looping -> degenerate; low -> erratic
 
