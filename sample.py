@@ -7,7 +7,8 @@
 
 Every setting of `generate()` is a flag of the same name (`--top_p 0.9`, or `--top-p 0.9`). The checkpoint's own
 settings (its generation_config.json) are the defaults, as for transformers' `model.generate()`; a --strategy preset
-overrides the settings it names, and explicit flags win over both. --compare runs every preset on the prompt and
+overrides the settings that make it that strategy, and explicit flags win over both. The prompt is all text: a token
+of it equal to pad_token_id is not padding. --compare runs every preset on the prompt and
 prints, for each, its text and a few figures (distinct-1/2, repeated 3-gram rate, mean token log-prob; see
 minigpt2/quality.py) that help judge repetition against incoherence.
 """
@@ -31,7 +32,8 @@ with interrupt_quietly():  # torch loads here, for a second or two
     from minigpt2 import GPT, Tokenizer
     from minigpt2.errors import ConfigError
     from minigpt2.generate import TextStream, stream_generate
-    from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
+    from minigpt2.generation_config import (SAMPLING_SETTINGS, STRATEGIES, GenerationConfig, SettingError,
+                                           describe_strategy)
     from minigpt2.hub import generation_settings_file, resolve_checkpoint
     from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
 
@@ -109,7 +111,7 @@ def read_prompt(args: argparse.Namespace) -> str:
         prompt = args.prompt
     else:
         raise ConfigError("no prompt: pass --prompt TEXT or --prompt_file PATH")
-    if not prompt.strip():
+    if not prompt:  # whitespace is text to GPT-2 (a blank line is a fine prompt); nothing at all is not
         raise ConfigError(f"{prompt_flag(args)}: the prompt is empty; give some text to continue")
     return prompt
 
@@ -164,8 +166,9 @@ def run_strategy(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, config: G
     generator = torch.Generator(prompt_ids.device).manual_seed(seed) if seed is not None else None
     total = config.new_tokens(prompt_ids.shape[1])
     with tqdm(total=total, unit="tok", leave=False, disable=None, file=sys.stderr) as bar:
-        out = model.generate(prompt_ids, generation_config=config, generator=generator,
-                             streamer=lambda tokens: bar.update(1))
+        # The mask says every token is text: without one, a token equal to pad_token_id would be taken for padding.
+        out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config,
+                             generator=generator, streamer=lambda tokens: bar.update(1))
     return [continuation(row, config.eos_ids) for row in out[:, prompt_ids.shape[1]:].tolist()]
 
 
@@ -173,14 +176,14 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
             seed: int | None) -> None:
     """Every preset on one prompt: the texts, then a table of figures to compare them by."""
     rows = []
-    for name, preset in STRATEGIES.items():
-        config = GenerationConfig.from_strategy(name, model.generation_config, **settings)
-        # Sampling gives as many samples as asked; greedy one; beam search its best few.
+    for name in STRATEGIES:
+        # One sequence first (the checkpoint may ask for more than greedy gives), then as many as this preset gives:
+        # sampling as many as asked, greedy one, beam search its best few.
+        config = GenerationConfig.from_strategy(name, model.generation_config, **settings, num_return_sequences=1)
         n = samples if config.do_sample else min(samples, config.num_beams)
         config = dataclasses.replace(config, num_return_sequences=n)
         texts = run_strategy(model, tok, prompt_ids, config, seed)
-        shown = ", ".join(f"{k}={v}" for k, v in preset.items())
-        print(f"=== {name} ({shown}) ===")
+        print(f"=== {name} ({describe_strategy(name)}) ===")
         for tokens in texts:
             print(shown_text(tok, tokens, config).strip() or "(nothing)")
             print()
@@ -224,10 +227,18 @@ def sample(args: argparse.Namespace) -> int:
 def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str, typing.Any]) -> None:
     """Put the flags' `settings` over the checkpoint's, and print what the flags ask for: the samples, a stream, or
     every strategy side by side."""
-    samples = settings.pop("num_return_sequences", None) if args.compare else None
+    samples = settings.pop("num_return_sequences", 1) if args.compare else None
+    if samples is not None and samples < 1:
+        raise SettingError("num_return_sequences", samples, "must be at least 1")
+    if "max_length" in settings and "max_new_tokens" not in settings:
+        settings["max_new_tokens"] = None  # else a checkpoint's max_new_tokens would win over the flag, unseen
     base = model.generation_config
     config = GenerationConfig.from_strategy(args.strategy, base, **settings) if args.strategy \
         else GenerationConfig.from_kwargs(base, **settings)
+    unused = [name for name in SAMPLING_SETTINGS if name in settings and settings[name] != getattr(base, name)]
+    if unused and not config.do_sample and not args.compare:
+        raise SettingError(unused[0], settings[unused[0]], "applies only when sampling, and this run takes the most "
+                           "likely tokens (do_sample false); add --do_sample true, or a --strategy that samples")
     if args.stream and (config.num_beams > 1 or config.num_return_sequences > 1 or args.compare):
         raise ConfigError("--stream prints one sequence as it grows: it does not combine with beam search "
                           "(num_beams > 1, from --num_beams or the checkpoint), --num_samples > 1 or --compare")
@@ -240,13 +251,18 @@ def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str
         raise ConfigError(f"{prompt_flag(args)}: token {tok.decode([bad])!r} (id {bad}) of the prompt is outside the "
                           f"model's vocabulary of {vocab} tokens, smaller than GPT-2's tokenizer's; leave that text "
                           "out of the prompt")
+    context = model.config.n_positions
+    if prompt_ids.shape[1] >= context and not config.sliding_window:
+        raise ConfigError(f"{prompt_flag(args)}: the prompt is {prompt_ids.shape[1]} tokens, and the model's context "
+                          f"of {context} positions leaves no room after it; shorten it, or pass --sliding_window true "
+                          "to drop its oldest tokens as the text grows")
     if args.compare:
-        compare(model, tok, prompt_ids, settings, samples or 1, args.seed)
+        compare(model, tok, prompt_ids, settings, samples, args.seed)
     elif args.stream:
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
         print(prompt, end="", flush=True)
-        for piece in stream_generate(model, prompt_ids, generation_config=config, generator=generator,
-                                     tokenizer=tok):
+        for piece in stream_generate(model, prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                     generation_config=config, generator=generator, tokenizer=tok):
             print(piece, end="", flush=True)
         print()
     else:

@@ -10,10 +10,10 @@ caches and evicts the code and data of whatever runs next, so every operation be
 LayerNorm of 768 values costs 17 us there against 3.5 us in a loop, SDPA for one query 39 us against 16 us, and even
 a view costs 10 us. The module forward puts about 30 such operations between consecutive products (module calls,
 F.linear's transpose of the weight, splits and transposes of q/k/v, mask and position bookkeeping): measured, its
-step is 21-25% above the floor. This step keeps only the arithmetic, 11 operations a block (4 of them the products), and does the rest
-in bulk before the first product: the views of every layer's cache, and the biases, copied in one go into the
-buffer where the products then land (packed products, for several rows, make their own output instead). It is
-4-8% above the floor.
+step is 21-25% above the floor. This step keeps only the arithmetic, 11 operations a block (4 of them the products),
+and does the rest in bulk before the first product: the views of every layer's cache, and the biases, copied in one
+go into the buffer where the products then land (packed products, for several rows, make their own output instead).
+It is 4-8% above the floor.
 
 The operations are model.py's, in its order, so the logits are the same to the bit on a CPU (the tests check it
 against the module forward, and generate() against transformers). Per step:

@@ -94,13 +94,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 @torch.inference_mode()
-def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
+def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                     generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None,
                     tokenizer: Tokenizer | None = None, **settings) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, as the tokens are generated.
 
-    prompt: text, or token ids (1, T). Settings as for `generate` (greedy or sampling, one sequence), with the
-        same default base, the model's generation_config.
+    prompt: text, or token ids (1, T). attention_mask: as for `generate`; a text prompt is all text (no token of it
+        is taken for padding, whatever pad_token_id is). Settings as for `generate` (greedy or sampling, one
+        sequence), with the same default base, the model's generation_config.
     Text is yielded in whole characters (a character split across tokens waits for its last byte). With
     stop_strings, text that could be the start of a stop string is held back until it is not, and the stream ends
     just before the first stop string; the end-of-sequence token is not shown.
@@ -108,7 +109,8 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *,
     tokenizer = tokenizer or Tokenizer()
     if isinstance(prompt, str):
         prompt = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
-    run = _prepare(model, prompt, None, generation_config, settings, tokenizer)
+        attention_mask = torch.ones_like(prompt)
+    run = _prepare(model, prompt, attention_mask, generation_config, settings, tokenizer)
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
                           "prompts or num_return_sequences > 1 use generate()")
@@ -239,10 +241,12 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                                "pass an id below it, or None")
 
     attention_mask = _checked_padding_mask(input_ids, attention_mask, config)
-    new = config.new_tokens(T)
-    if not config.sliding_window:
-        _check_length(config, T, context)
-        new = min(new, context - T)  # the default length stops at the context quietly, as in transformers
+    if config.sliding_window:
+        new = config.new_tokens(T)
+    else:
+        _check_length(config, T, context)  # first: a prompt that fills the context is named as the prompt
+        # The default length stops at the context quietly, as in transformers.
+        new = min(config.new_tokens(T), context - T)
     stop = StopStrings(config.stop_strings, tokenizer or Tokenizer()) if config.stop_strings else None
     rows_per_prompt = max(config.num_beams, config.num_return_sequences)
     config.check_batch(B)
@@ -266,6 +270,9 @@ def _check_length(config: GenerationConfig, prompt_length: int, context: int) ->
     """Refuse a length that runs past the model's context, naming the setting that asked for it (max_new_tokens wins
     over max_length, as in transformers) so that a caller can say where its value came from."""
     window = "or set sliding_window=True to drop the oldest tokens as the text grows"
+    if prompt_length >= context:  # whatever length is asked for: no setting but the prompt can make room
+        raise ConfigError(f"the prompt ({prompt_length} tokens) fills the model's context of {context} positions, "
+                          f"leaving no room for new tokens; shorten the prompt, {window}")
     if config.max_new_tokens is not None:
         total = prompt_length + config.max_new_tokens
         if total > context:
@@ -276,9 +283,6 @@ def _check_length(config: GenerationConfig, prompt_length: int, context: int) ->
         if config.max_length > context:  # it counts the prompt too: too long whatever the prompt
             raise SettingError("max_length", config.max_length, f"is longer than the model's context of {context} "
                                f"positions; set max_new_tokens instead (it wins over max_length), lower it, {window}")
-    elif prompt_length >= context:
-        raise ConfigError(f"the prompt ({prompt_length} tokens) fills the model's context of {context} positions, "
-                          f"leaving no room for new tokens; shorten the prompt, {window}")
 
 
 def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:

@@ -283,11 +283,23 @@ def _is_number(value: Any) -> bool:
 
 
 # The decoding strategies of the classic recipe ("How to generate text", Hugging Face, 2020), by name. Each is a set of
-# overrides on the defaults above; flags given next to a preset win over it.
+# overrides on a base (the defaults above, or a checkpoint's settings); flags given next to a preset win over it. A
+# preset sets everything that makes it the strategy it is named after, so that a checkpoint's own num_beams or top_p
+# does not turn "top-k" into beam sampling with a nucleus; temperature, penalties and lengths stay the base's.
+_NO_FILTER = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=None)
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "greedy": dict(do_sample=False, num_beams=1),
+    "greedy": dict(do_sample=False, num_beams=1, num_return_sequences=1),
     "beam": dict(do_sample=False, num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
-    "sample": dict(do_sample=True, top_k=0),
-    "top-k": dict(do_sample=True, top_k=50),
-    "top-p": dict(do_sample=True, top_k=0, top_p=0.92),
+    "sample": dict(do_sample=True, num_beams=1, **_NO_FILTER),
+    "top-k": dict(do_sample=True, num_beams=1, **{**_NO_FILTER, "top_k": 50}),
+    "top-p": dict(do_sample=True, num_beams=1, **{**_NO_FILTER, "top_p": 0.92}),
 }
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p")  # used only when do_sample is on
+
+
+def describe_strategy(name: str) -> str:
+    """The settings that make preset `name` what it is, as arguments: "do_sample=True, top_k=50" (those it sets
+    only to switch something off are left out)."""
+    off = {**_NO_FILTER, "num_beams": 1, "num_return_sequences": 1}
+    return ", ".join(f"{key}={value}" for key, value in STRATEGIES[name].items()
+                     if key not in off or value != off[key])

@@ -23,11 +23,12 @@ plus the language reference topics that `help("assert")` prints (pydoc_data/topi
 learns to continue a signature with its documentation and code: prompt it with a `def` line, or with the first words
 of a docstring ("Return the number of").
 
-What is read: every .py file under the standard library folder (sysconfig's "stdlib"), in sorted module-name order, except
-site-packages, tests (`test/`, `tests/`, `idle_test/`, `test_*.py`), the turtle demos and private modules (a path part
-starting with "_", `__init__.py` aside). Files are parsed with `ast`, never imported: nothing runs, nothing prints,
-nothing needs a display or a network. Objects without a docstring are skipped. The corpus depends only on the
-Python version, and is the same on every run with the same Python (about 2.27 M tokens with Python 3.11.7).
+What is read: every .py file under the standard library folder (sysconfig's "stdlib"), in sorted module-name order,
+except site-packages, tests (`test/`, `tests/`, `idle_test/`, `test_*.py`), the turtle demos and private modules (a
+path part starting with "_", `__init__.py` aside). Files are parsed with `ast`, never imported: nothing runs,
+nothing prints, nothing needs a display or a network. Objects without a docstring are skipped. The corpus depends
+only on the Python version, and is the same on every run with the same Python (about 2.27 M tokens with Python
+3.11.7).
 """
 
 from __future__ import annotations

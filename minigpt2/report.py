@@ -33,7 +33,7 @@ from .atomic import removed_if_failed, write_text_atomically
 from .errors import DataError
 from .evaluate import evaluating, perplexity
 from .generate import StopStrings
-from .generation_config import STRATEGIES, GenerationConfig, SettingError
+from .generation_config import STRATEGIES, GenerationConfig, SettingError, describe_strategy
 from .model import GPT
 from .quality import distinct_n, mean_logprob, repeated_ngram_rate
 from .tokenizer import EOT_ID, Tokenizer
@@ -227,7 +227,7 @@ class _Report:
 
     def settings(self, strategy: str) -> str:
         """The preset's own settings, as a transformers-style argument list."""
-        return ", ".join(f"{k}={v}" for k, v in STRATEGIES[strategy].items())
+        return describe_strategy(strategy)
 
     def summary(self, strategy: str, name: str) -> tuple[float, float, float, float]:
         """distinct-1/2 pooled over all prompts' samples, and the mean over prompts of rep-3 and mean log-prob."""

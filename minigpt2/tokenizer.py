@@ -10,8 +10,9 @@ How GPT-2 turns text into ids, in three steps:
 3. **Merge by rank.** Repeatedly join the adjacent pair whose concatenation has the lowest rank in the table, until
    no joined pair is in the table. The rank of the final pieces is their token id.
 
-The table (`assets/gpt2.tiktoken`) lists every token but one, the 256 single bytes included, as `base64(bytes) rank`; it is tiktoken's
-`r50k_base`. Id 50256 is the special `<|endoftext|>`, which marks document boundaries and is not in the file.
+The table (`assets/gpt2.tiktoken`) lists every token but one, the 256 single bytes included, as `base64(bytes)
+rank`; it is tiktoken's `r50k_base`. Id 50256 is the special `<|endoftext|>`, which marks document boundaries and is
+not in the file.
 
 The Hub and transformers describe the same tokenizer differently: `vocab.json` maps each token to its id, with bytes
 spelled through a printable-unicode alphabet, and `merges.txt` lists the merges in rank order. `save_pretrained`

@@ -406,6 +406,14 @@ def test_context_overflow_is_a_clear_error(pair):
     assert ours.generate(ids, eos_token_id=None).shape[1] == n_positions
     with pytest.raises(ConfigError, match="sliding_window"):
         ours.generate(ids, max_new_tokens=11, num_beams=2, sliding_window=True)
+    # A prompt that fills the context is named as the prompt, whatever length is asked for: lowering max_new_tokens
+    # cannot make room (the message said to).
+    full, _ = prompts(18, (n_positions,))
+    for length in (dict(), dict(max_new_tokens=3), dict(max_length=n_positions)):
+        with pytest.raises(ConfigError, match=rf"^the prompt \({n_positions} tokens\) fills the model's context of "
+                                              rf"{n_positions} positions, leaving no room for new tokens; shorten "
+                                              r"the prompt, or set sliding_window=True"):
+            ours.generate(full, **length)
 
 
 def test_max_length_past_the_context_is_refused_as_itself_and_max_new_tokens_wins_over_it(pair, hf_checkpoint,
@@ -701,7 +709,7 @@ def test_strategy_presets():
                     top_k=50, top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                     num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
                     eos_token_id=50256, pad_token_id=None, stop_strings=None, sliding_window=False)
-    documented = {
+    documented = {  # as "How to generate text" (Hugging Face, 2020) runs them
         "greedy": dict(),
         "beam": dict(num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
         "sample": dict(do_sample=True, top_k=0),
@@ -715,6 +723,23 @@ def test_strategy_presets():
         assert dataclasses.asdict(overridden) == {**defaults, **settings, "max_new_tokens": 5, "top_k": 7}, name
     with pytest.raises(ConfigError, match="strategy"):
         GenerationConfig.from_strategy("nucleus")
+    # Over a checkpoint's settings, a preset is still its strategy: no beams or filters of the checkpoint's leak into
+    # the sampling presets (top-k had kept num_beams=4 and top_p=0.5), greedy gives one sequence; the temperature,
+    # penalties and lengths are the checkpoint's.
+    checkpoint = GenerationConfig(do_sample=True, num_beams=4, top_p=0.5, typical_p=0.9, min_p=0.1, temperature=0.7,
+                                  num_return_sequences=3, repetition_penalty=1.3, max_new_tokens=9)
+    kept = dict(temperature=0.7, repetition_penalty=1.3, max_new_tokens=9)
+    filters = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=None)
+    expected = {
+        "greedy": dict(do_sample=False, num_beams=1, num_return_sequences=1),
+        "beam": dict(do_sample=False, num_beams=5, top_p=0.5, typical_p=0.9, min_p=0.1, num_return_sequences=3),
+        "sample": dict(do_sample=True, num_beams=1, **filters, num_return_sequences=3),
+        "top-k": dict(do_sample=True, num_beams=1, **{**filters, "top_k": 50}, num_return_sequences=3),
+        "top-p": dict(do_sample=True, num_beams=1, **{**filters, "top_p": 0.92}, num_return_sequences=3),
+    }
+    for name, settings in expected.items():
+        got = dataclasses.asdict(GenerationConfig.from_strategy(name, checkpoint))
+        assert {key: got[key] for key in [*settings, *kept]} == {**settings, **kept}, name
 
 
 @pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "typical_p", "repetition_penalty",

@@ -47,8 +47,8 @@ def transformers_rows(directory, prompt: str, seed: int | None = None, **setting
     if seed is not None:
         torch.manual_seed(seed)  # the same random stream as sample.py's own generator seeded by --seed
     with torch.no_grad():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0 if eos is None else eos,
-                           **settings)
+        settings.setdefault("pad_token_id", 0 if eos is None else eos)
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), **settings)
     return [row[:row.index(eos)] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
 
 
@@ -71,6 +71,26 @@ def test_greedy_output_is_transformers_generate_with_the_same_settings(model_dir
     assert code == 0
     assert out == transformers_output(model_dir, "The answer is", max_new_tokens=9, do_sample=False,
                                       repetition_penalty=1.3, eos_token_id=None)
+
+
+def test_a_prompt_token_equal_to_the_pad_id_is_text(model_dir, capsys, streamed):
+    """A typed prompt has no padding: a token of it that equals pad_token_id (',' is 11) is text, as with the
+    attention mask transformers' tokenizer gives. Without a mask it was taken for padding and dropped from the
+    prompt ("Hello, world" generated as "Hello world" did), and a prompt ending in it was refused."""
+    for prompt in ("Hello, world", "Hello world,"):
+        args = ["--model", model_dir, "--prompt", prompt, "--pad_token_id", 11, "--max_new_tokens", 6]
+        expected = transformers_output(model_dir, prompt, max_new_tokens=6, do_sample=False, pad_token_id=11)
+        assert run(args, capsys)[1] == expected
+        assert run([*args, "--stream"], capsys)[1] == expected == prompt + "".join(streamed) + "\n"
+        streamed.clear()
+    assert transformers_output(model_dir, "Hello, world", max_new_tokens=6) != \
+        transformers_output(model_dir, "Hello world", max_new_tokens=6)  # the comma matters to the output
+
+
+def test_a_prompt_of_whitespace_is_continued(model_dir, capsys):
+    """A blank line is a prompt like any other to GPT-2 (it was refused as empty)."""
+    code, out, _ = run(["--model", model_dir, "--prompt", "\n\n", "--max_new_tokens", 5], capsys)
+    assert code == 0 and out == transformers_output(model_dir, "\n\n", max_new_tokens=5, do_sample=False)
 
 
 @pytest.fixture
@@ -148,12 +168,21 @@ def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
     assert code == 0
     tok = Tokenizer()
     table = out[out.rindex("\nstrategy "):].splitlines()
-    for name, preset in sample.STRATEGIES.items():
+    # Each preset as "How to generate text" (Hugging Face, 2020) runs it, and as the header shows it.
+    recipes = {"greedy": dict(do_sample=False),
+               "beam": dict(do_sample=False, num_beams=5, no_repeat_ngram_size=2, early_stopping=True),
+               "sample": dict(do_sample=True, top_k=0),
+               "top-k": dict(do_sample=True, top_k=50),
+               "top-p": dict(do_sample=True, top_k=0, top_p=0.92)}
+    headers = {"greedy": "do_sample=False", "beam": "do_sample=False, num_beams=5, no_repeat_ngram_size=2, "
+               "early_stopping=True", "sample": "do_sample=True", "top-k": "do_sample=True, top_k=50",
+               "top-p": "do_sample=True, top_p=0.92"}
+    assert list(sample.STRATEGIES) == list(recipes)
+    for name, recipe in recipes.items():
         n = 1 if name == "greedy" else 2
-        rows = transformers_rows(model_dir, "The", seed=0, max_new_tokens=8, num_return_sequences=n, **preset)
-        shown = ", ".join(f"{k}={v}" for k, v in preset.items())
+        rows = transformers_rows(model_dir, "The", seed=0, max_new_tokens=8, num_return_sequences=n, **recipe)
         texts = "".join(f"{tok.decode(row).strip() or '(nothing)'}\n\n" for row in rows)
-        assert f"=== {name} ({shown}) ===\n{texts}" in out, name
+        assert f"=== {name} ({headers[name]}) ===\n{texts}" in out, name
         cells = next(line for line in table if line.startswith(f"{name} ")).split()
         assert int(cells[1]) == n
         assert [float(c) for c in cells[2:4]] == pytest.approx([hand_distinct(rows, 1), hand_distinct(rows, 2)],
@@ -183,6 +212,8 @@ def configured_dir(model_dir, tmp_path_factory):
     (["--strategy", "beam", "--num_beams", 3], dict(do_sample=False, num_beams=3, no_repeat_ngram_size=2,
                                                       early_stopping=True)),
     (["--top_k", 0, "--temperature", 0.7], dict(top_k=0, temperature=0.7)),
+    # A typed max_length wins over the checkpoint's max_new_tokens (else it would be ignored without a word).
+    (["--max_length", 6], dict(max_length=6, max_new_tokens=None)),
 ])
 def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags, overrides):
     """What is printed is transformers' generate() of the prompt with the checkpoint's settings, the flags (or the
@@ -230,7 +261,16 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--eos_token_id", "60000"], "--eos_token_id 60000: is outside the model's vocabulary"),
     (["--prompt", "x", "--top-k", "abc"], "top-k"),
     (["--prompt", "x", "--early_stopping", "maybe"], "early_stopping"),
-    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", ""], "--prompt: the prompt is empty"),
+    (["--prompt", "x", "--temperature", "0.7"], "--temperature 0.7: applies only when sampling, and this run takes "
+                                                "the most likely tokens (do_sample false); add --do_sample true"),
+    (["--prompt", "x", "--strategy", "beam", "--top_p", "0.5"], "--top_p 0.5: applies only when sampling"),
+    (["--prompt", "x", "--compare", "--num_samples", "0"], "--num_samples 0: must be at least 1"),
+    (["--prompt_file", "{long_prompt}"], "--prompt_file {long_prompt}: the prompt is 150 tokens, and the model's "
+                                         "context of 128 positions leaves no room after it; shorten it, or pass "
+                                         "--sliding_window true"),
+    (["--prompt_file", "{long_prompt}", "--max_new_tokens", "3"], "--prompt_file {long_prompt}: the prompt is 150 "
+                                                                   "tokens"),
     (["--prompt_file", "{missing}"], "no such file"),
     (["--prompt_file", "{tmp}"], "is a directory; pass a text file"),
     (["--model", "{long}/m", "--prompt", "x"], "{long}/m: File name too long; check the path and its permissions"),
@@ -246,7 +286,9 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
     # A path component over 255 bytes: an OSError from the first check that touches it (even for root)
-    places = dict(missing=tmp_path / "missing", tmp=tmp_path, long=tmp_path / ("x" * 300))
+    places = dict(missing=tmp_path / "missing", tmp=tmp_path, long=tmp_path / ("x" * 300),
+                  long_prompt=tmp_path / "long.txt")
+    places["long_prompt"].write_text(" the" * 150)  # 150 tokens
     argv = [a.format(**places) for a in argv]
     if "--model" not in argv:
         argv = ["--model", model_dir, *argv]
@@ -291,6 +333,19 @@ def test_a_bad_setting_from_the_checkpoint_names_its_file(model_dir, capsys, tmp
     assert code == 2
     assert err == (f"error: num_return_sequences=2 from {tmp_path / 'generation_config.json'}: greedy search gives "
                    "one sequence per prompt; set do_sample=True or num_beams > 1\n")
+
+
+def test_compare_runs_on_a_checkpoint_that_asks_for_several_sequences(model_dir, capsys, tmp_path):
+    """--compare gives greedy one sequence whatever the checkpoint's num_return_sequences (it was refused, naming
+    a --num_samples the user never typed), and the others what --num_samples asks."""
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    HFGenerationConfig(do_sample=True, num_return_sequences=3).save_pretrained(tmp_path)
+    code, out, err = run(["--model", tmp_path, "--prompt", "The", "--compare", "--num_samples", 2, "--seed", 0,
+                          "--max_new_tokens", 4], capsys)
+    assert code == 0, err
+    table = out[out.rindex("\nstrategy "):].splitlines()
+    counts = {line.split()[0]: int(line.split()[1]) for line in table[2:7]}  # after "" and the header
+    assert counts == {"greedy": 1, "beam": 2, "sample": 2, "top-k": 2, "top-p": 2}
 
 
 def test_explain_blames_the_flag_else_the_checkpoint_file_else_the_default(tmp_path):
