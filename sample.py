@@ -153,10 +153,11 @@ def continuation(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return tokens[:ends[0]] if ends else tokens
 
 
-def shown_text(tok: Tokenizer, tokens: Sequence[int], config: GenerationConfig) -> str:
-    """The text of a `continuation` as --stream prints it: generation stops on the token that completes a stop
-    string, which may run past it; the text ends just before the stop string."""
-    stream = TextStream(tok, config.stop_strings or [])
+def shown_text(tok: Tokenizer, prompt: str, tokens: Sequence[int], config: GenerationConfig) -> str:
+    """The text of a `continuation` of `prompt` as --stream prints it: generation stops on the token that completes
+    a stop string, which may run past it; the text ends just before the stop string (which may begin in the
+    prompt)."""
+    stream = TextStream(tok, config.stop_strings or [], context=prompt)
     return "".join(stream.push(token) for token in tokens) + stream.finish()
 
 
@@ -175,6 +176,8 @@ def run_strategy(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, config: G
 def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict, samples: int,
             seed: int | None) -> None:
     """Every preset on one prompt: the texts, then a table of figures to compare them by."""
+    prompt = prompt_ids[0].tolist()
+    prompt_text = tok.decode(prompt)
     rows = []
     for name in STRATEGIES:
         # One sequence first (the checkpoint may ask for more than greedy gives), then as many as this preset gives:
@@ -185,9 +188,8 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
         texts = run_strategy(model, tok, prompt_ids, config, seed)
         print(f"=== {name} ({describe_strategy(name)}) ===")
         for tokens in texts:
-            print(shown_text(tok, tokens, config).strip() or "(nothing)")
+            print(shown_text(tok, prompt_text, tokens, config).strip() or "(nothing)")
             print()
-        prompt = prompt_ids[0].tolist()
         rows.append((name, len(texts), distinct_n(texts, 1), distinct_n(texts, 2),
                      sum(repeated_ngram_rate(t, 3) for t in texts) / len(texts),
                      sum(mean_logprob(model, prompt, t) for t in texts) / len(texts),
@@ -270,7 +272,7 @@ def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str
         for i, tokens in enumerate(texts):
             if len(texts) > 1:
                 print(f"=== sample {i + 1}/{len(texts)} ===")
-            print(prompt + shown_text(tok, tokens, config))
+            print(prompt + shown_text(tok, prompt, tokens, config))
 
 
 if __name__ == "__main__":

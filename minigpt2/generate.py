@@ -114,7 +114,9 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *, atten
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
                           "prompts or num_return_sequences > 1 use generate()")
-    text = TextStream(tokenizer, run.config.stop_strings or [], skip_ids=run.config.eos_ids)
+    shown = prompt[0] if attention_mask is None else prompt[0][attention_mask[0].bool()]  # the prompt's text
+    text = TextStream(tokenizer, run.config.stop_strings or [], skip_ids=run.config.eos_ids,
+                      context=tokenizer.decode(shown.tolist()))
     with _decoding_weights(run):
         for tokens in _decode(run, generator):
             piece = text.push(int(tokens[0]))
@@ -126,15 +128,24 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *, atten
 
 
 class TextStream:
-    """Tokens in, printable text out: whole characters only, never a piece of text a stop string might claim."""
+    """Tokens in, printable text out: whole characters only, never a piece of text a stop string might claim.
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str], skip_ids: Sequence[int] = ()) -> None:
+    context: the text before the first token (the prompt), already shown. A stop string may begin in it, as
+    generation's own check (`StopStrings`) reads the whole sequence: then the text from the first token on is its
+    rest, and nothing is shown.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str], skip_ids: Sequence[int] = (),
+                 context: str = "") -> None:
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.skip_ids = set(skip_ids)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a split character's bytes
-        self.text = ""     # everything decoded so far
-        self.shown = 0     # how much of it has been handed out
+        self.text = context  # everything decoded so far, after the context
+        self.shown = len(context)  # how much of it has been handed out
+        # Where a stop string may still start: in the end of the context, until text after it is shown.
+        longest = max((len(stop) for stop in stop_strings), default=1)
+        self.stop_from = max(0, len(context) - longest + 1)
         self.stopped = False
 
     def push(self, token: int) -> str:
@@ -152,20 +163,23 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        # A stop string cannot start inside text already shown: that text was held back while it could.
-        hits = [i for i in (self.text.find(stop, self.shown) for stop in self.stop_strings) if i >= 0]
+        hits = [i for i in (self.text.find(stop, self.stop_from) for stop in self.stop_strings) if i >= 0]
         if hits:
             self.stopped = True
-            return self.text[self.shown:min(hits)]
+            return self.text[self.shown:max(min(hits), self.shown)]
         end = len(self.text) if final else len(self.text) - self._partial_stop_length()
         piece, self.shown = self.text[self.shown:end], end
+        if piece:  # it was held back while a stop string could start in it or before it: none can now
+            self.stop_from = end
         return piece
 
     def _partial_stop_length(self) -> int:
-        """Length of the longest end of the unshown text that is the beginning of some stop string."""
-        unshown = self.text[self.shown:]
-        return max((k for stop in self.stop_strings for k in range(1, min(len(stop), len(unshown) + 1))
-                    if unshown.endswith(stop[:k])), default=0)
+        """How much of the unshown text to hold back: the longest end of the text from `stop_from` that is the
+        beginning of some stop string, or the part of it that is not shown yet."""
+        tail = self.text[self.stop_from:]
+        longest = max((k for stop in self.stop_strings for k in range(1, min(len(stop), len(tail) + 1))
+                       if tail.endswith(stop[:k])), default=0)
+        return min(longest, len(self.text) - self.shown)
 
 
 class StopStrings:

@@ -518,6 +518,22 @@ def test_text_stream_holds_back_partial_stop_strings_and_characters():
     assert (first, second) == ("", "🙂")
 
 
+def test_text_stream_sees_stop_strings_that_begin_in_the_prompt():
+    """Generation stops when a stop string ends in the newest token, wherever it began (StopStrings reads the
+    whole sequence, as transformers' StopStringCriteria does): the shown text then ends where the prompt does."""
+    tok = Tokenizer()
+    stream = TextStream(tok, ["world cipher"], context="Hello world")
+    assert "".join(stream.push(t) for t in tok.encode(" ci")) == ""  # may complete "world cipher": held back
+    assert stream.push(tok.encode("pher")[0]) == "" and stream.finish() == ""
+    stream = TextStream(tok, ["world cipher"], context="Hello world")
+    assert "".join(stream.push(t) for t in tok.encode(" cinema")) == " cinema"  # it did not: shown
+    # A stop string that starts in the prompt after text was shown is still found (and could start there):
+    stream = TextStream(tok, ["abcd"], context="xab")
+    assert stream.push(tok.encode("c")[0]) == "" and stream.push(tok.encode("d")[0]) == ""
+    stream = TextStream(tok, ["END"], context="The END")  # complete in the prompt: generation never saw it end
+    assert "".join(stream.push(t) for t in tok.encode(" is near")) + stream.finish() == " is near"
+
+
 def test_streamer_callback_sees_every_token(pair):
     ours, _ = pair
     ids, mask = prompts(22, (3, 6))

@@ -132,6 +132,12 @@ def test_stop_string_ends_the_printed_text_before_it(model_dir, capsys, streamed
     assert run(args, capsys)[1] == expected
     assert run([*args, "--stream"], capsys)[1] == expected == "Once" + "".join(streamed) + "\n"
     assert len(streamed) > 1
+    # A stop string that begins in the prompt ends generation as well (as in transformers), and the text shown after
+    # the prompt is nothing: all of it belongs to the stop string. (It was printed.)
+    spanning = "ce" + text[:2]
+    args[-1] = spanning
+    streamed.clear()
+    assert run(args, capsys)[1] == run([*args, "--stream"], capsys)[1] == "Once\n" and not streamed
 
 
 def test_top_p_samples_are_transformers_samples_with_the_same_seed(model_dir, capsys, tmp_path):
