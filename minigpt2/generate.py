@@ -14,7 +14,9 @@ arithmetic without modules (decode_step.py), which a CPU runs 10-15% faster. Row
 
 Batches of prompts of different lengths are left-padded, with an attention mask of 0 on the padding: every prompt
 then ends in the last column, new tokens are appended to all rows at once, and positions are counted from the mask
-so that each prompt is continued exactly as it would be alone. A row that finishes early is filled with
+so that each prompt is continued exactly as it would be alone. (With sliding_window, up to the window's first
+slide: the rows share one window of columns, so a row with padding in it keeps fewer of its own tokens than it
+would alone; continue such prompts one at a time where that matters.) A row that finishes early is filled with
 `pad_token_id` while the others go on.
 
 Where the result differs from transformers' (5.24), it is in tokens that carry no text, and on purpose:
