@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
             base = next(t for t in (bool, int, float) if t in typing.get_args(hints[field.name]) + (hints[field.name],))
             convert = parse_bool if base is bool else base
             options = dict(type=_optional(convert) if field.default is None else convert, metavar=base.__name__.upper())
+            if base is bool:  # --do_sample alone means true, as train.py's switches do
+                options.update(nargs="?", const=True)
         # Unset flags stay out of the namespace, so that "--eos_token_id none" can be told from no flag at all.
         add_flag(parser, field.name, default=argparse.SUPPRESS,
                  help=f"{field.metadata['help']} (default: the checkpoint's, else {field.default})", **options)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,8 @@ class SettingError(ConfigError):
         """The message for a command line where `--flag` (default: the setting's name) gave the value."""
         if isinstance(self.value, bool):
             shown = str(self.value).lower()  # as typed: --do_sample true
+        elif isinstance(self.value, list) and all(isinstance(item, str) for item in self.value):
+            shown = " ".join(shlex.quote(item) for item in self.value)  # --stop_strings '' (as a shell reads it)
         elif isinstance(self.value, list):
             shown = ",".join(map(str, self.value))  # --eos_token_id 1,2
         else:
@@ -204,8 +207,8 @@ class GenerationConfig:
         stop before the others need an id to be filled with."""
         if self.pad_id is None and self.stop_strings and (prompts * self.num_return_sequences > 1
                                                           or self.num_beams > 1):
-            raise ConfigError("stop_strings with several sequences needs pad_token_id (or eos_token_id) to fill the "
-                              "sequences that stop before the others")
+            raise SettingError("pad_token_id", None, "is needed to fill the sequences that stop_strings end before "
+                               "the others, and there is no eos_token_id to use instead; set pad_token_id")
 
     def new_tokens(self, prompt_length: int) -> int:
         """How many tokens to generate after a (padded) prompt of `prompt_length` tokens."""

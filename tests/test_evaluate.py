@@ -605,6 +605,7 @@ def test_report_refuses_unfillable_stop_strings_before_any_work(hf_checkpoint, t
     model.generation_config.eos_token_id = None
     model.generation_config.stop_strings = ["."]
     monkeypatch.setattr(report, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
-    with pytest.raises(ConfigError, match="stop_strings with several sequences needs pad_token_id"):
+    with pytest.raises(ConfigError, match="pad_token_id=None: is needed to fill the sequences that stop_strings end "
+                                          "before the others"):
         write_report(model, model, np.zeros(100, dtype=np.uint16), tmp_path, strategies=["greedy"],
                      prompts=["One", "Two"])

@@ -289,6 +289,9 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--device", "meta"], "torch cannot compute on it"),
     (["--prompt", "x", "--seed", str(2**64)], "--seed: must be between 0 and 2**64 - 1"),
     (["--prompt", "x", "--seed", "-1"], "--seed: must be between 0 and 2**64 - 1"),
+    (["--prompt", "x", "--stop", ""], "--stop_strings '': must be a non-empty list of non-empty strings"),
+    (["--prompt", "x", "--stop", "x", "--eos_token_id", "none", "--num_samples", "2", "--do_sample"],
+     "pad_token_id=None (the default): is needed to fill the sequences that stop_strings end before the others"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, argv, message):
     # A path component over 255 bytes: an OSError from the first check that touches it (even for root)
