@@ -343,7 +343,7 @@ def _run_report(args) -> int:
     from .report import write_report
 
     prompts = list(args.prompt or [])
-    if not all(prompt.strip() for prompt in prompts):
+    if not all(prompts):  # whitespace is text to GPT-2, as in sample.py
         raise ConfigError("--prompt: a prompt is empty; give some text to continue")
     if args.prompts_file:
         lines = [line for line in read_text_file(args.prompts_file, "prompts_file").splitlines() if line.strip()]

@@ -171,6 +171,9 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     longest = max(len(p) for p in encoded)
     for name, model in models.items():
         positions = model.config.n_positions
+        if longest >= positions:  # no max_new_tokens makes room
+            raise DataError(f"a prompt of {longest} tokens fills the context of {name} ({positions} positions), "
+                            "leaving no room for new tokens; use shorter prompts")
         if longest + max_new_tokens > positions:  # generate() would say so only after the perplexity pass
             raise SettingError("max_new_tokens", max_new_tokens, f"makes {longest + max_new_tokens} tokens with the "
                                f"longest prompt ({longest} tokens), more than the context of {name} ({positions} "

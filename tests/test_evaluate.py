@@ -321,7 +321,7 @@ def test_settings_from_flags_are_spelled_as_flags(checkpoint, tmp_path, capsys):
     assert "argument --text: is empty; give a path" in cli_error([*perplexity_argv[:2], "--text", ""], capsys)
     assert "argument --out: is empty" in cli_error([*report_argv(checkpoint, text, tmp_path), "--out", ""], capsys)
     assert "--prompt: a prompt is empty" in cli_error([*report_argv(checkpoint, text, tmp_path / "out"), "--prompt",
-                                                       " "], capsys)
+                                                       ""], capsys)
 
 
 def test_failed_report_leaves_no_folder_and_keeps_an_existing_one(checkpoint, tmp_path, capsys):
@@ -354,6 +354,11 @@ def test_report_refuses_a_length_past_the_context_before_any_work(checkpoint, tm
     err = cli_error(argv, capsys)
     assert err == (f"error: --max_new_tokens 61: makes 65 tokens with the longest prompt (4 tokens), more than the "
                    f"context of {checkpoint} (base) ({N_POSITIONS} positions); lower it or use shorter prompts\n")
+    # A prompt that fills the context alone is named as such: lowering max_new_tokens cannot help (it said to).
+    argv = [*report_argv(checkpoint, text, tmp_path / "out"), "--prompt", " the" * N_POSITIONS]
+    assert cli_error(argv, capsys) == (f"error: a prompt of {N_POSITIONS} tokens fills the context of {checkpoint} "
+                                       f"(base) ({N_POSITIONS} positions), leaving no room for new tokens; use "
+                                       "shorter prompts\n")
     assert not (tmp_path / "out").exists()
 
 
