@@ -227,6 +227,29 @@ def test_warpers_equal_transformers_on_tied_scores(k):
             assert torch.equal(mine(scores.clone()), theirs(ids, scores.clone())), (trial, theirs)
 
 
+def test_top_p_after_top_k_equals_transformers_at_the_exact_edge_of_the_nucleus():
+    """p chosen so that 1 - p is exactly one of transformers' own cumulative probabilities, the case where the
+    rounding of the softmax's sum decides whether the edge token is kept: after top_k, over GPT-2's vocabulary
+    size. Computing the softmax over the kept scores alone (a shorter sum) disagreed in several of these rows."""
+    from transformers.generation import logits_process as hf
+
+    from minigpt2 import logits_process as ours
+
+    g = torch.Generator().manual_seed(0)
+    V, rows = 50257, 1000
+    scores = torch.randn(rows, V, generator=g) * 3
+    ks = torch.randint(2, 200, (rows,), generator=g)
+    disagree = 0
+    for row in range(rows):
+        row_scores = hf.TopKLogitsWarper(int(ks[row]))(None, scores[row:row + 1].clone())
+        cumulative = row_scores.sort().values.softmax(-1).cumsum(-1)  # transformers' nucleus arithmetic
+        edge = V - 1 - int(torch.randint(1, int(ks[row]), (1,), generator=g))
+        p = 1 - float(cumulative[0, edge])
+        theirs = hf.TopPLogitsWarper(p)(None, row_scores.clone())
+        disagree += not torch.equal(ours.top_p(None, row_scores.clone(), p=p), theirs)
+    assert disagree == 0
+
+
 # --- beam search --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_beams", [2, 4])
