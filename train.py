@@ -110,7 +110,9 @@ def print_samples(model, config: TrainConfig) -> None:
     for prompt in PROMPTS[:config.samples]:
         input_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         room = model.config.n_positions - input_ids.shape[1]
-        output = model.generate(input_ids, max_new_tokens=min(config.sample_tokens, room), do_sample=True, top_k=50,
+        # Every token of a prompt is text, even one equal to the model's pad_token_id.
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=min(config.sample_tokens, room), do_sample=True, top_k=50,
                                 temperature=0.8)
         print(f"--- sample: {prompt!r}\n{tokenizer.decode(output[0].tolist())}\n")
 

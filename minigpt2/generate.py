@@ -143,11 +143,13 @@ class TextStream:
         self.stop_strings = stop_strings
         self.skip_ids = set(skip_ids)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a split character's bytes
-        self.text = context  # everything decoded so far, after the context
-        self.shown = len(context)  # how much of it has been handed out
-        # Where a stop string may still start: in the end of the context, until text after it is shown.
+        self.text = context  # the context, then everything decoded
+        self.shown = len(context)  # how much of `text` has been handed out (or was shown before)
+        # Where a stop string may still start: in the end of the context, until text after it is shown. It must
+        # end after the context, too: one that lies in the context whole never stopped generation.
         longest = max((len(stop) for stop in stop_strings), default=1)
         self.stop_from = max(0, len(context) - longest + 1)
+        self.context_end = len(context)
         self.stopped = False
 
     def push(self, token: int) -> str:
@@ -165,7 +167,8 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        hits = [i for i in (self.text.find(stop, self.stop_from) for stop in self.stop_strings) if i >= 0]
+        hits = [i for i in (self.text.find(stop, max(self.stop_from, self.context_end - len(stop) + 1))
+                            for stop in self.stop_strings) if i >= 0]
         if hits:
             self.stopped = True
             return self.text[self.shown:max(min(hits), self.shown)]

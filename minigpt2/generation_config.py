@@ -79,7 +79,8 @@ class SettingError(ConfigError):
         if isinstance(self.value, bool):
             shown = str(self.value).lower()  # as typed: --do_sample true
         elif isinstance(self.value, list) and all(isinstance(item, str) for item in self.value):
-            shown = " ".join(shlex.quote(item) for item in self.value)  # --stop_strings '' (as a shell reads it)
+            # --stop_strings '' 'a\n': as typed (sample.py reads \n and \t as those characters), on one line
+            shown = " ".join(shlex.quote(item.replace("\n", "\\n").replace("\t", "\\t")) for item in self.value)
         elif isinstance(self.value, list):
             shown = ",".join(map(str, self.value))  # --eos_token_id 1,2
         else:
@@ -301,8 +302,9 @@ SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p")  # u
 
 
 def describe_strategy(name: str) -> str:
-    """The settings that make preset `name` what it is, as arguments: "do_sample=True, top_k=50" (those it sets
-    only to switch something off are left out)."""
-    off = {**_NO_FILTER, "num_beams": 1, "num_return_sequences": 1}
+    """The settings that make preset `name` what it is, as arguments: "do_sample=True, top_k=0" (those it sets
+    only to switch off what is off by default are left out)."""
+    # Not top_k: it defaults to 50 (in transformers too), so "do_sample=True" alone would read as top-k sampling.
+    off = {"top_p": 1.0, "typical_p": 1.0, "min_p": None, "num_beams": 1, "num_return_sequences": 1}
     return ", ".join(f"{key}={value}" for key, value in STRATEGIES[name].items()
                      if key not in off or value != off[key])

@@ -467,6 +467,8 @@ def test_report_cli(checkpoint, tmp_path, capsys):
     assert (out / "report.md").read_text(encoding="utf-8") == "the run's own report"
     assert main([*again, "--overwrite"]) == 0
     assert (out / "report.md").read_text(encoding="utf-8") == md
+    # A prompt of whitespace is text to GPT-2, continued like any other (it was refused as empty).
+    assert main([*again, "--overwrite", "--prompt", "\n"]) == 0
 
 
 def test_prepared_dataset_gives_its_validation_split(tmp_path):

@@ -555,6 +555,8 @@ def test_text_stream_sees_stop_strings_that_begin_in_the_prompt():
     assert stream.push(tok.encode("c")[0]) == "" and stream.push(tok.encode("d")[0]) == ""
     stream = TextStream(tok, ["END"], context="The END")  # complete in the prompt: generation never saw it end
     assert "".join(stream.push(t) for t in tok.encode(" is near")) + stream.finish() == " is near"
+    stream = TextStream(tok, [".", "THE END"], context="END.")  # so too beside a longer one that may start there
+    assert "".join(stream.push(t) for t in tok.encode(" more text")) + stream.finish() == " more text"
 
 
 def test_streamer_callback_sees_every_token(pair):

@@ -181,8 +181,8 @@ def test_compare_prints_every_strategy_with_figures(model_dir, capsys):
                "top-k": dict(do_sample=True, top_k=50),
                "top-p": dict(do_sample=True, top_k=0, top_p=0.92)}
     headers = {"greedy": "do_sample=False", "beam": "do_sample=False, num_beams=5, no_repeat_ngram_size=2, "
-               "early_stopping=True", "sample": "do_sample=True", "top-k": "do_sample=True, top_k=50",
-               "top-p": "do_sample=True, top_p=0.92"}
+               "early_stopping=True", "sample": "do_sample=True, top_k=0", "top-k": "do_sample=True, top_k=50",
+               "top-p": "do_sample=True, top_k=0, top_p=0.92"}
     assert list(sample.STRATEGIES) == list(recipes)
     for name, recipe in recipes.items():
         n = 1 if name == "greedy" else 2
@@ -289,7 +289,8 @@ def test_flags_default_to_the_checkpoint_settings(configured_dir, capsys, flags,
     (["--prompt", "x", "--device", "meta"], "torch cannot compute on it"),
     (["--prompt", "x", "--seed", str(2**64)], "--seed: must be between 0 and 2**64 - 1"),
     (["--prompt", "x", "--seed", "-1"], "--seed: must be between 0 and 2**64 - 1"),
-    (["--prompt", "x", "--stop", ""], "--stop_strings '': must be a non-empty list of non-empty strings"),
+    (["--prompt", "x", "--stop", "\\n", "--stop", ""], "--stop_strings '\\n' '': must be a non-empty list of "
+                                                     "non-empty strings"),  # as typed, on one line
     (["--prompt", "x", "--stop", "x", "--eos_token_id", "none", "--num_samples", "2", "--do_sample"],
      "pad_token_id=None (the default): is needed to fill the sequences that stop_strings end before the others"),
 ])

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt2 import GPT, atomic
+from minigpt2 import GPT, GPTConfig, Tokenizer, atomic
 from minigpt2 import checkpoint as ckpt
 from minigpt2 import trainer as trainer_module
 from minigpt2.errors import CheckpointError, ConfigError
@@ -1026,6 +1026,21 @@ def test_cli_ctrl_c_saves_and_says_how_to_resume(init_dir, prepared, tmp_path):
     resumed = run_cli("--out", out, "--resume", "auto", "--max_steps", step + 1, *common)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
+
+
+def test_end_of_run_samples_take_every_prompt_token_as_text(capsys):
+    """A model whose pad_token_id is the token that ends the first prompt ('):'): the samples at the end of a run
+    were refused there (and elsewhere such a token was taken for padding), since generate() got no attention mask."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    ids = torch.tensor([Tokenizer().encode(train.PROMPTS[0])])
+    model.generation_config.pad_token_id = int(ids[0, -1])
+    train.print_samples(model, TrainConfig(samples=1, sample_tokens=5, seed=3))
+    printed = capsys.readouterr().out
+    torch.manual_seed(3)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True, top_k=50,
+                              temperature=0.8)
+    assert printed == f"--- sample: {train.PROMPTS[0]!r}\n{Tokenizer().decode(expected[0].tolist())}\n\n"
 
 
 def test_cli_scratch_run_end_to_end(prepared, tmp_path):
