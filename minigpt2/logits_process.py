@@ -93,16 +93,16 @@ def top_p(input_ids: torch.Tensor, scores: torch.Tensor, *, p: float, min_keep: 
     stays within 1 - p; the `min_keep` most likely always survive.
     """
     ascending, order = _sort_finite(scores)
+    cumulative = ascending.softmax(-1).cumsum(-1)
     V, kept = scores.shape[-1], ascending.shape[-1]
-    if kept < V:
-        # The softmax over the full sorted row, ruled-out tokens first as in a full sort: its sum runs in the same
-        # vectorised order as transformers' (the zeros add nothing), so a token at the exact edge of the nucleus is
-        # dropped or kept alike. Over the `kept` values alone the sum rounded differently in 1 case out of ~600.
-        full = scores.new_full(scores.shape, NEG_INF)
-        full[:, V - kept:] = ascending
-        cumulative = full.softmax(-1)[:, V - kept:].cumsum(-1)
-    else:
-        cumulative = ascending.softmax(-1).cumsum(-1)
+    near = (cumulative - (1 - p)).abs().amin(-1) <= 1e-5 if kept < V else None  # (rows,): a token at the edge
+    if near is not None and bool(near.any()):
+        # The softmax of a shorter row sums in another order than transformers' over the full sorted row, and may
+        # round the other way by an ulp: where that could decide the edge token, take the sum over the full row,
+        # ruled-out tokens first as a full sort puts them (their zeros add nothing). Elsewhere it cannot matter.
+        full = scores.new_full((int(near.sum()), V), NEG_INF)
+        full[:, V - kept:] = ascending[near]
+        cumulative[near] = full.softmax(-1)[:, V - kept:].cumsum(-1)
     drop_sorted = cumulative <= 1 - p
     drop_sorted[:, -min_keep:] = False
     # Back to token ids: every token outside `order` was ruled out already.
