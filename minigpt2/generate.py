@@ -116,9 +116,10 @@ def stream_generate(model: torch.nn.Module, prompt: str | torch.Tensor, *, atten
     if run.config.num_beams > 1 or run.sequences.shape[0] != 1:
         raise ConfigError("stream_generate continues one prompt into one sequence; for num_beams > 1, several "
                           "prompts or num_return_sequences > 1 use generate()")
-    shown = prompt[0] if attention_mask is None else prompt[0][attention_mask[0].bool()]  # the prompt's text
+    # The prompt's text, without its padding (given by the mask, or taken from pad_token_id).
+    real = run.mask[0, :run.prompt_length].bool() if run.mask is not None else slice(None)
     text = TextStream(tokenizer, run.config.stop_strings or [], skip_ids=run.config.eos_ids,
-                      context=tokenizer.decode(shown.tolist()))
+                      context=tokenizer.decode(prompt[0, real].tolist()))
     with _decoding_weights(run):
         for tokens in _decode(run, generator):
             piece = text.push(int(tokens[0]))
