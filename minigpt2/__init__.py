@@ -14,6 +14,7 @@ from .errors import CheckpointError, ConfigError, DataError, MiniGPT2Error
 _LAZY = {
     "GPT": "model",
     "GPTConfig": "config",
+    "GenerationConfig": "generation_config",
     "KVCache": "kv_cache",
     "Tokenizer": "tokenizer",
     "PreparedDataset": "dataset",

@@ -70,7 +70,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         the base, as in transformers.
     generator: the random generator for sampling (default: torch's global one, so torch.manual_seed applies).
     streamer: called after every step with that step's new tokens, (rows,); in beam search these are the running
-        beams' newest tokens, which may still be dropped.
+        beams' newest tokens, which may still be dropped. A transformers streamer (TextStreamer and the like: an
+        object with put and end) gets what transformers gives it: put(prompt), put(tokens) each step, end().
     tokenizer: decodes tokens for `stop_strings` (default: GPT-2's).
 
     Rows that end before the longest one are filled with pad_token_id (default: the first eos_token_id).
@@ -82,8 +83,20 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     that many rows for the length of the call (a copy about the size of the weights, freed on return), from
     nn.Linear's own layout, to which the first such call returns them in place.
     """
+    hf_streamer = streamer if callable(getattr(streamer, "put", None)) else None  # transformers' protocol
+    if hf_streamer is not None:
+        def streamer(tokens: torch.Tensor) -> None:
+            hf_streamer.put(tokens.cpu())
+    elif streamer is not None and not callable(streamer):
+        raise ConfigError(f"streamer must be a callable that takes each step's tokens, or a transformers streamer "
+                          f"(with put and end); got {type(streamer).__name__}")
     with torch.inference_mode():
         run = _prepare(model, input_ids, attention_mask, generation_config, settings, tokenizer)
+        if hf_streamer is not None:
+            if run.config.num_beams > 1:  # its text would follow beams that may be dropped
+                raise ConfigError("a transformers streamer (put/end) does not take beam search, as in transformers; "
+                                  "pass a callable instead, or num_beams=1")
+            hf_streamer.put(input_ids.cpu())
         with _decoding_weights(run):
             if run.config.num_beams > 1:
                 sequences = _beam_search(run, generator, streamer)
@@ -92,6 +105,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
                     if streamer is not None:
                         streamer(tokens)
                 sequences = run.sequences[:, :run.length]
+    if hf_streamer is not None:
+        hf_streamer.end()
     return sequences.clone()  # outside inference mode: usable anywhere, e.g. as training input
 
 
@@ -241,7 +256,15 @@ class _Run:
 
 def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              generation_config: GenerationConfig | None, settings: dict, tokenizer: Tokenizer | None) -> _Run:
-    base = model.generation_config if generation_config is None else generation_config
+    if generation_config is None:
+        base = model.generation_config
+    elif isinstance(generation_config, GenerationConfig):
+        base = generation_config
+    elif callable(getattr(generation_config, "to_dict", None)):  # transformers' own, merged as transformers does
+        base = GenerationConfig.from_transformers(generation_config, model.generation_config)
+    else:
+        raise ConfigError(f"generation_config must be a GenerationConfig (minigpt2's or transformers'), got "
+                          f"{type(generation_config).__name__}; pass settings as keyword arguments instead")
     config = GenerationConfig.from_kwargs(base, **settings)
     vocab, context = model.config.vocab_size, model.config.n_positions
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,

@@ -64,6 +64,12 @@ INERT_SETTINGS = frozenset({
     "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size",
     "transformers_version", "_from_model_config", "_commit_hash",
 })
+# Of those, the ones that ask transformers' generate() to return more than the sequences: refused when on.
+RETURN_SETTINGS = frozenset({"output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                             "return_dict_in_generate"})
+# transformers' generate() reads None given for these as "off" (its processors test `is not None`), not as unset.
+NONE_MEANS_OFF: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
+                                  "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 class SettingError(ConfigError):
@@ -129,12 +135,23 @@ class GenerationConfig:
         """
         if "stop" in kwargs:
             kwargs["stop_strings"] = kwargs.pop("stop")
+        for key in [key for key in kwargs if key in INERT_SETTINGS or key in UNSUPPORTED_SETTINGS]:
+            value = kwargs.pop(key)  # transformers' settings that change no token here, at these values
+            if key in RETURN_SETTINGS and value:
+                raise SettingError(key, value, "minigpt2's generate() returns the sequences only; leave it out")
+            if key in UNSUPPORTED_SETTINGS and value not in (None, UNSUPPORTED_SETTINGS[key]):
+                raise SettingError(key, value, "is not supported by minigpt2's generate(); leave it out")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ConfigError(f"unknown generation setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        for key, off in NONE_MEANS_OFF.items():
+            if key in kwargs and kwargs[key] is None:
+                kwargs[key] = off
         if isinstance(kwargs.get("stop_strings"), str):
             kwargs["stop_strings"] = [kwargs["stop_strings"]]
+        if hasattr(kwargs.get("eos_token_id"), "tolist"):  # a tensor of ids, as transformers takes too
+            kwargs["eos_token_id"] = kwargs["eos_token_id"].tolist()
         config = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
         config.validate()
         return config
@@ -145,6 +162,12 @@ class GenerationConfig:
         if name not in STRATEGIES:
             raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
         return cls.from_kwargs(base, **{**STRATEGIES[name], **overrides})
+
+    @classmethod
+    def from_transformers(cls, config: Any, base: GenerationConfig | None = None) -> GenerationConfig:
+        """transformers' GenerationConfig `config` over `base`, as its generate() merges a given config over the
+        model's: the settings `config` leaves at None are `base`'s."""
+        return cls.from_kwargs(base, **{key: value for key, value in config.to_dict().items() if value is not None})
 
     @classmethod
     def from_hub_dict(cls, data: dict[str, Any], source: str = "generation_config.json") -> GenerationConfig:

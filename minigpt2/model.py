@@ -109,7 +109,8 @@ def attention_masks(T: int, past: int, attention_mask: torch.Tensor | None, devi
     only on a prompt (past == 0): the other paths take the full mask.
     """
     key_padding = attention_mask.bool() if attention_mask is not None else None
-    if key_padding is not None and bool(key_padding.all()):
+    # Under torch.compile the all-ones test would be a data-dependent branch (a graph break): keep the mask there.
+    if key_padding is not None and not torch.compiler.is_compiling() and bool(key_padding.all()):
         key_padding = None
     if key_padding is None and (past == 0 or T == 1):
         return None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -359,6 +360,51 @@ def test_mask_inferred_from_pad_token_id_like_transformers(pair):
     pad = 11
     ids[ids == EOT] = pad
     assert_same(pair, ids, max_new_tokens=8, pad_token_id=pad)
+
+
+def test_transformers_style_arguments_are_taken_as_transformers_takes_them(pair, hf_tokenizer, capsys):
+    """What a caller of transformers' generate() passes: its GenerationConfig object (merged over the model's own
+    settings), settings that change no token here (use_cache, bos_token_id, output_scores=False), None for a
+    sampling setting (transformers reads it as off), eos ids as a tensor, and its TextStreamer. Each was an error:
+    a TypeError from dataclasses, 'unknown generation setting', 'must be an integer', 'not callable'."""
+    from transformers import TextStreamer
+
+    import minigpt2
+
+    assert minigpt2.GenerationConfig is GenerationConfig  # the docstrings' name, importable from the package
+    ours, ref = pair
+    ids, _ = prompts(23, (5,))
+    config = HFGenerationConfig(max_new_tokens=7, repetition_penalty=1.3)
+    with torch.no_grad():
+        theirs = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    assert ours.generate(ids, generation_config=config).tolist() == theirs.tolist()
+    plain = ours.generate(ids, max_new_tokens=4)
+    inert = ours.generate(ids, max_new_tokens=4, use_cache=False, bos_token_id=EOT, output_scores=False,
+                          min_length=0, eos_token_id=torch.tensor([EOT]))
+    assert torch.equal(inert, plain)
+    for name in ("top_k", "temperature", "top_p"):
+        assert_same(pair, ids, seed=3, max_new_tokens=8, do_sample=True, **{name: None})
+    for settings, message in [(dict(output_scores=True), "output_scores=True: minigpt2's generate() returns the "
+                                                         "sequences only"),
+                              (dict(min_length=5), "min_length=5: is not supported by minigpt2's generate()")]:
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}"):
+            ours.generate(ids, max_new_tokens=4, **settings)
+    with pytest.raises(ConfigError, match=r"^generation_config must be a GenerationConfig \(minigpt2's or "
+                                          r"transformers'\), got dict; pass settings as keyword arguments instead$"):
+        ours.generate(ids, generation_config={"max_new_tokens": 4})
+
+    printed = []
+    for model in pair:
+        capsys.readouterr()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=EOT,
+                           streamer=TextStreamer(hf_tokenizer))
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[0]) > 10
+    with pytest.raises(ConfigError, match="does not take beam search"):
+        ours.generate(ids, max_new_tokens=3, num_beams=2, streamer=TextStreamer(hf_tokenizer))
+    with pytest.raises(ConfigError, match="^streamer must be a callable"):
+        ours.generate(ids, max_new_tokens=3, streamer="print")
 
 
 def test_a_prompt_ending_in_the_pad_token_needs_a_mask(pair):

@@ -137,6 +137,18 @@ def test_gradients_flow_through_the_kv_cache_as_through_transformers_past_key_va
         assert max_rel_err(param.grad, theirs) <= 1e-5, name
 
 
+def test_forward_with_an_attention_mask_compiles_as_one_graph(hf_checkpoint):
+    """torch.compile(fullgraph=True) of a forward given an attention mask: the test for an all-ones mask was a
+    data-dependent branch that dynamo refuses in one graph (transformers' GPT-2 compiles this call). The eager
+    backend traces as inductor would, without compiling C++. Padded or not, the logits are the uncompiled ones."""
+    ours, _ = load_pair(hf_checkpoint())
+    input_ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(6))
+    compiled = torch.compile(ours, fullgraph=True, backend="eager", dynamic=False)
+    for mask in (torch.ones(2, 10, dtype=torch.long), (torch.arange(10) >= torch.tensor([[0], [4]])).long()):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids, attention_mask=mask), ours(input_ids, attention_mask=mask))
+
+
 def test_context_overflow_is_a_clear_error(hf_checkpoint):
     ours, _ = load_pair(hf_checkpoint(n_positions=32))
     with pytest.raises(ValueError, match="longer than the model's context of 32"):
