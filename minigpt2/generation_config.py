@@ -327,7 +327,8 @@ SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p")  # u
 def describe_strategy(name: str) -> str:
     """The settings that make preset `name` what it is, as arguments: "do_sample=True, top_k=0" (those it sets
     only to switch off what is off by default are left out)."""
-    # Not top_k: it defaults to 50 (in transformers too), so "do_sample=True" alone would read as top-k sampling.
-    off = {"top_p": 1.0, "typical_p": 1.0, "min_p": None, "num_beams": 1, "num_return_sequences": 1}
+    off = {**_NO_FILTER, "num_beams": 1, "num_return_sequences": 1}
+    # But top_k=0 is shown: top_k defaults to 50 (in transformers too), so "do_sample=True" alone reads as top-k.
+    del off["top_k"]
     return ", ".join(f"{key}={value}" for key, value in STRATEGIES[name].items()
                      if key not in off or value != off[key])
