@@ -31,7 +31,7 @@ with interrupt_quietly():  # torch loads here, for a second or two
 
     from minigpt2 import GPT, Tokenizer
     from minigpt2.errors import ConfigError
-    from minigpt2.generate import TextStream, stream_generate
+    from minigpt2.generate import PromptTooLongError, TextStream, check_length, stream_generate
     from minigpt2.generation_config import (SAMPLING_SETTINGS, STRATEGIES, GenerationConfig, SettingError,
                                            describe_strategy)
     from minigpt2.hub import generation_settings_file, resolve_checkpoint
@@ -255,11 +255,13 @@ def decode(args: argparse.Namespace, model: GPT, prompt: str, settings: dict[str
         raise ConfigError(f"{prompt_flag(args)}: token {tok.decode([bad])!r} (id {bad}) of the prompt is outside the "
                           f"model's vocabulary of {vocab} tokens, smaller than GPT-2's tokenizer's; leave that text "
                           "out of the prompt")
-    context = model.config.n_positions
-    if prompt_ids.shape[1] >= context and not config.sliding_window:
-        raise ConfigError(f"{prompt_flag(args)}: the prompt is {prompt_ids.shape[1]} tokens, and the model's context "
-                          f"of {context} positions leaves no room after it; shorten it, or pass --sliding_window true "
-                          "to drop its oldest tokens as the text grows")
+    if not config.sliding_window:
+        try:
+            check_length(config, prompt_ids.shape[1], model.config.n_positions)
+        except PromptTooLongError as exc:
+            raise ConfigError(f"{prompt_flag(args)}: the prompt is {exc.prompt_length} tokens, and the model's "
+                              f"context of {exc.context} positions leaves no room after it; shorten it, or pass "
+                              "--sliding_window true to drop its oldest tokens as the text grows") from None
     if args.compare:
         compare(model, tok, prompt_ids, settings, samples, args.seed)
     elif args.stream:

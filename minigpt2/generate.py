@@ -287,7 +287,7 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     if config.sliding_window:
         new = config.new_tokens(T)
     else:
-        _check_length(config, T, context)  # first: a prompt that fills the context is named as the prompt
+        check_length(config, T, context)  # first: a prompt that fills the context is named as the prompt
         # The default length stops at the context quietly, as in transformers.
         new = min(config.new_tokens(T), context - T)
     stop = StopStrings(config.stop_strings, tokenizer or Tokenizer()) if config.stop_strings else None
@@ -309,23 +309,36 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     return _Run(model, config, input_ids, mask, sequences, rows_per_prompt, T, new, processors, eos, stop)
 
 
-def _check_length(config: GenerationConfig, prompt_length: int, context: int) -> None:
-    """Refuse a length that runs past the model's context, naming the setting that asked for it (max_new_tokens wins
-    over max_length, as in transformers) so that a caller can say where its value came from."""
-    window = "or set sliding_window=True to drop the oldest tokens as the text grows"
+_WINDOW_FIX = "or set sliding_window=True to drop the oldest tokens as the text grows"
+
+
+class PromptTooLongError(ConfigError):
+    """The prompt alone fills the model's context, so no length setting can make room. `prompt_length` and
+    `context` are kept apart so that a front end can name where the prompt came from."""
+
+    def __init__(self, prompt_length: int, context: int) -> None:
+        super().__init__(f"the prompt ({prompt_length} tokens) fills the model's context of {context} positions, "
+                         f"leaving no room for new tokens; shorten the prompt, {_WINDOW_FIX}")
+        self.prompt_length, self.context = prompt_length, context
+
+
+def check_length(config: GenerationConfig, prompt_length: int, context: int) -> None:
+    """Refuse a length that runs past the model's context (without sliding_window): PromptTooLongError when the
+    prompt alone fills it, else a SettingError naming the setting that asked for too much (max_new_tokens wins over
+    max_length, as in transformers), so that a caller can say where its value came from."""
     if prompt_length >= context:  # whatever length is asked for: no setting but the prompt can make room
-        raise ConfigError(f"the prompt ({prompt_length} tokens) fills the model's context of {context} positions, "
-                          f"leaving no room for new tokens; shorten the prompt, {window}")
+        raise PromptTooLongError(prompt_length, context)
     if config.max_new_tokens is not None:
         total = prompt_length + config.max_new_tokens
         if total > context:
             raise SettingError("max_new_tokens", config.max_new_tokens, f"makes {total} tokens with the prompt, more "
                                f"than the model's context of {context} positions; lower it, shorten the prompt, "
-                               f"{window}")
+                               f"{_WINDOW_FIX}")
     elif config.max_length is not None:
         if config.max_length > context:  # it counts the prompt too: too long whatever the prompt
             raise SettingError("max_length", config.max_length, f"is longer than the model's context of {context} "
-                               f"positions; set max_new_tokens instead (it wins over max_length), lower it, {window}")
+                               f"positions; set max_new_tokens instead (it wins over max_length), lower it, "
+                               f"{_WINDOW_FIX}")
 
 
 def _decoding_weights(run: _Run) -> contextlib.AbstractContextManager:

@@ -32,7 +32,7 @@ import torch
 from .atomic import removed_if_failed, write_text_atomically
 from .errors import DataError
 from .evaluate import evaluating, perplexity
-from .generate import StopStrings
+from .generate import PromptTooLongError, StopStrings, check_length
 from .generation_config import STRATEGIES, GenerationConfig, SettingError, describe_strategy
 from .model import GPT
 from .quality import distinct_n, mean_logprob, repeated_ngram_rate
@@ -171,13 +171,15 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
     longest = max(len(p) for p in encoded)
     for name, model in models.items():
         positions = model.config.n_positions
-        if longest >= positions:  # no max_new_tokens makes room
+        try:
+            check_length(GenerationConfig(max_new_tokens=max_new_tokens), longest, positions)
+        except PromptTooLongError:  # no max_new_tokens makes room
             raise DataError(f"a prompt of {longest} tokens fills the context of {name} ({positions} positions), "
-                            "leaving no room for new tokens; use shorter prompts")
-        if longest + max_new_tokens > positions:  # generate() would say so only after the perplexity pass
+                            "leaving no room for new tokens; use shorter prompts") from None
+        except SettingError:  # the check's own fix, sliding_window, is not an option of the report
             raise SettingError("max_new_tokens", max_new_tokens, f"makes {longest + max_new_tokens} tokens with the "
                                f"longest prompt ({longest} tokens), more than the context of {name} ({positions} "
-                               "positions); lower it or use shorter prompts")
+                               "positions); lower it or use shorter prompts") from None
     out = Path(out_dir)
     with removed_if_failed(out):
         try:  # before the work, not after it: an unusable --out fails in a second

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from transformers import GenerationConfig as HFGenerationConfig
 
 from minigpt2 import GPT, ConfigError, GPTConfig, Tokenizer
-from minigpt2.generate import TextStream, stream_generate
+from minigpt2.generate import PromptTooLongError, TextStream, stream_generate
 from minigpt2.generation_config import STRATEGIES, GenerationConfig, SettingError
 from minigpt2.kv_cache import KVCache
 
@@ -479,10 +479,12 @@ def test_context_overflow_is_a_clear_error(pair):
     # cannot make room (the message said to).
     full, _ = prompts(18, (n_positions,))
     for length in (dict(), dict(max_new_tokens=3), dict(max_length=n_positions)):
-        with pytest.raises(ConfigError, match=rf"^the prompt \({n_positions} tokens\) fills the model's context of "
-                                              rf"{n_positions} positions, leaving no room for new tokens; shorten "
-                                              r"the prompt, or set sliding_window=True"):
+        with pytest.raises(PromptTooLongError, match=rf"^the prompt \({n_positions} tokens\) fills the model's "
+                                                     rf"context of {n_positions} positions, leaving no room for new "
+                                                     r"tokens; shorten the prompt, or set sliding_window=True") as exc:
             ours.generate(full, **length)
+        # What the front ends rephrase it from, naming where the prompt came from.
+        assert (exc.value.prompt_length, exc.value.context) == (n_positions, n_positions)
 
 
 def test_max_length_past_the_context_is_refused_as_itself_and_max_new_tokens_wins_over_it(pair, hf_checkpoint,
