@@ -138,7 +138,7 @@ def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: to
     installed when attention runs in fp16 or bf16 with a head size the kernel has tiles for, else sdpa.
 
     fp32 is left to sdpa because the kernel's exact fp32 matmuls spill registers heavily (docs/benchmarks.md,
-    "compiled without a GPU"). An explicit "triton" that cannot run here falls back to sdpa with a one-time
+    "Compiled for GPUs without one"). An explicit "triton" that cannot run here falls back to sdpa with a one-time
     warning rather than failing in the middle of training or generation.
     """
     if name == "auto":
