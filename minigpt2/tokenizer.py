@@ -4,9 +4,10 @@ How GPT-2 turns text into ids, in three steps:
 
 1. **Pre-tokenise.** A regular expression cuts the text into chunks: contractions (`'s`, `'ll`), runs of letters or of
    digits with at most one leading space, runs of other symbols, and whitespace. BPE never merges across chunks, so
-   " dog" and " dogs" share their start but "dog." never becomes one token.
+   " dogs" (one run of letters) can be one token, but "dog." never is: the "." is a chunk of its own.
 2. **Bytes.** Each chunk is taken as its UTF-8 bytes. Every one of the 256 byte values is a token (ranks 0-255), so
-   any string, in any script, with emoji or invalid code points, can be encoded: nothing is ever "unknown".
+   any string, in any script, with emoji, can be encoded: nothing is ever "unknown". (A lone surrogate, which has no
+   UTF-8 form, is encoded as U+FFFD, the replacement character.)
 3. **Merge by rank.** Repeatedly join the adjacent pair whose concatenation has the lowest rank in the table, until
    no joined pair is in the table. The rank of the final pieces is their token id.
 
