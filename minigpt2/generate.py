@@ -79,9 +79,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     Decoding runs under torch.inference_mode (the streamer too), which skips autograd's bookkeeping on every small
     op of a step; the returned tensor is an ordinary one. On a CPU the fp32 weights are held the way decoding
     multiplies them fastest (`prepack.py`): for one row, the first call lays them out input-major in place (same
-    values, new strides, kept afterwards); for several rows (beams, a batch, several samples) they are packed for
-    that many rows for the length of the call (a copy about the size of the weights, freed on return), from
-    nn.Linear's own layout, to which the first such call returns them in place.
+    values, new strides, kept afterwards); for several rows (beams, a batch, several samples) and at least
+    MIN_PACKED_STEPS new tokens, enough steps to repay the packing, they are packed for that many rows for the
+    length of the call (a copy about the size of the weights, freed on return), from nn.Linear's own layout, to
+    which the first such call returns them in place. Several rows for fewer steps use the weights as they are.
     """
     hf_streamer = streamer if callable(getattr(streamer, "put", None)) else None  # transformers' protocol
     if hf_streamer is not None:
