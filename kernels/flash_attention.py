@@ -322,7 +322,8 @@ def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _launch_options(q: torch.Tensor, T: int) -> dict:
-    """Kernel arguments shared by all launches: sizes, and the constexprs that pick the matmul precision."""
+    """Kernel arguments shared by the forward, dk/dv and dq launches (the delta kernel takes its own): sizes, and
+    the constexprs that pick the matmul precision."""
     # fp32 inputs get exact fp32 matmuls unless torch itself allows TF32 (as torch's own matmuls do).
     tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     return dict(n_heads=q.shape[1], T=T, T_BUCKET=triton.next_power_of_2(T), HEAD_DIM=q.shape[3],
