@@ -439,6 +439,7 @@ def _decode(run: _Run, generator: torch.Generator | None) -> Iterator[torch.Tens
         scores = apply_processors(run.processors, run.sequences[:, :length], logits) if run.processors else logits
         if config.do_sample:
             # One multinomial call over the batch, on fp32 probabilities: the same random draws as transformers.
+            # (rows, vocab) -> one draw a row (rows, 1) -> (rows,)
             tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
         else:
             tokens = scores.max(-1).indices  # argmax (the first of equal maxima), in a vectorised pass: 3x faster
@@ -464,6 +465,7 @@ def _best_candidates(totals: torch.Tensor, beams: int, candidates: int, do_sampl
     (scores, flat indices into beams * vocab), each (B, candidates)."""
     B, vocab = totals.shape[0], totals.shape[1] // beams
     if do_sample:
+        # (B, beams * vocab) -> (B, candidates), drawn without replacement
         flat = torch.multinomial(F.softmax(totals, dim=-1), num_samples=candidates, generator=generator)
         # Best first, as topk's are: only the first `beams` candidates may finish (step 3).
         scores, order = totals.gather(1, flat).sort(dim=-1, descending=True)
@@ -481,6 +483,7 @@ def _best_candidates(totals: torch.Tensor, beams: int, candidates: int, do_sampl
         return torch.topk(totals, candidates)
     pick = pick[:, :candidates]
     # A pick indexes beams * per_beam: its beam is pick // per_beam, its token the beam's (pick % per_beam)-th best.
+    # beam_tokens (B * beams, per_beam) -> (B, beams * per_beam), lined up with the picks
     flat = pick // per_beam * vocab + beam_tokens.view(B, beams * per_beam).gather(1, pick)
     return best[:, :candidates], flat
 
@@ -549,7 +552,8 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
             final_scores = final_scores + done_flags.all(-1, keepdim=True) * NEG
         final_scores = final_scores + ~improvable * NEG
         final_scores = final_scores + ~just_ended * NEG
-        keep = torch.topk(torch.cat([done_scores, final_scores], 1), beams).indices
+        keep = torch.topk(torch.cat([done_scores, final_scores], 1), beams).indices  # (B, beams) of beams + candidates
+        # (B, beams + candidates, max_len) -> (B, beams, max_len), keep expanded to (B, beams, max_len)
         done = torch.cat([done, cand], 1).gather(1, keep[:, :, None].expand(-1, -1, max_len))
         done_scores = torch.cat([done_scores, final_scores], 1).gather(1, keep)
         done_flags = torch.cat([done_flags, just_ended], 1).gather(1, keep)
@@ -559,6 +563,7 @@ def _beam_search(run: _Run, generator: torch.Generator | None,
         # 4. running beams: the best continuations that did not end
         alive_scores = cand_scores + ended * NEG
         best = torch.topk(alive_scores, beams).indices
+        # (B, candidates, max_len) -> (B, beams, max_len)
         running = cand.gather(1, best[:, :, None].expand(-1, -1, max_len))
         running_scores = alive_scores.gather(1, best)
         length += 1

@@ -172,7 +172,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # one (C, 3C) product: one large matmul beats three
+        # q, k and v from one C -> 3C projection (weight (3C, C)): one large matmul beats three
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = Dropout(config.resid_pdrop)
@@ -333,9 +334,10 @@ class GPT(nn.Module):
         if position_ids is None:
             if attention_mask is not None:
                 # Count real tokens before each position: left padding does not shift the prompt's positions.
+                # (B, past + T) -> (B, T): this call's columns
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (T,) -> (1, T)
         attn_impl = resolve_attn_impl(self.config.attn_impl, input_ids.device, self.config.head_size,
                                       self._attention_dtype(input_ids.device))
         if self.config.attn_impl == attn_impl == "triton" and self.training and self.config.attn_pdrop > 0:

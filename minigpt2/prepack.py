@@ -78,6 +78,7 @@ def _packed_forward(linear: nn.Linear, packed: torch.Tensor, rows: int, x: torch
     if (x.dtype != torch.float32 or x.shape[-1] != linear.in_features or x.numel() != rows * linear.in_features
             or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
         return F.linear(x, linear.weight, linear.bias)  # the packed op has no gradient and no autocast rule
+    # (..., in) -> (rows, in): the packed op takes a matrix of exactly the rows it was packed for
     out = torch.ops.mkl._mkl_linear(x.reshape(rows, linear.in_features), packed, linear.weight, linear.bias, rows)
     return out.view(*x.shape[:-1], linear.out_features)  # (rows, out) -> (..., out)
 

@@ -162,5 +162,5 @@ class _Head(torch.autograd.Function):
         flat_grad = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)  # (..., vocab) -> (N, vocab)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])             # (..., C) -> (N, C)
         ctx.owner.add_product(flat_grad.t(), flat_hidden)              # += (vocab, N) @ (N, C)
-        dh = (flat_grad @ weight).view(hidden.shape)                   # (N, vocab) @ (vocab, C)
+        dh = (flat_grad @ weight).view(hidden.shape)                   # (N, vocab) @ (vocab, C) -> (N, C) -> (..., C)
         return dh.to(ctx.hidden_dtype), None, None
