@@ -1,8 +1,9 @@
 """A key/value cache for incremental decoding, preallocated once and passed to the model explicitly.
 
 When generating, each new token attends to the keys and values of every earlier token. Recomputing them for the whole
-sequence at every step costs O(T^2); the cache keeps them, so a step only computes the new token's. The storage is
-allocated once for the longest sequence (no torch.cat per step), and `length` says how much of it is filled.
+sequence at every step costs O(T) a step, O(T^2) over T new tokens; the cache keeps them, so a step only computes the
+new token's. The storage is allocated once for the longest sequence (no torch.cat per step), and `length` says how
+much of it is filled.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class KVCache:
         return keys, values
 
     def advance(self, steps: int) -> None:
-        """Mark `steps` more positions as filled (the model calls this once per forward, after every layer)."""
+        """Mark `steps` more positions as filled (the model calls this once per forward, after the last layer: every
+        layer's `update` writes at the same positions)."""
         self.length += steps
 
     def clear(self) -> None:

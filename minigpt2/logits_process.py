@@ -87,7 +87,7 @@ def top_k(input_ids: torch.Tensor, scores: torch.Tensor, *, k: int, min_keep: in
 
 
 def top_p(input_ids: torch.Tensor, scores: torch.Tensor, *, p: float, min_keep: int = 1) -> torch.Tensor:
-    """Nucleus sampling (Holtzman et al., 2020): keep the most likely tokens whose probabilities add up to `p`.
+    """Nucleus sampling (Holtzman et al., 2020): keep the fewest most likely tokens whose probabilities reach `p`.
 
     Sorted from least to most likely, a token is dropped while the cumulative probability up to and including it
     stays within 1 - p; the `min_keep` most likely always survive.
@@ -130,7 +130,7 @@ def min_p(input_ids: torch.Tensor, scores: torch.Tensor, *, ratio: float, min_ke
     """Drop tokens whose probability is below `ratio` times the top token's (Nguyen et al., 2024)."""
     probs = scores.softmax(-1)
     drop = probs < ratio * probs.amax(-1, keepdim=True)
-    drop.scatter_(1, torch.topk(probs, min(min_keep, probs.shape[-1])).indices, False)
+    drop.scatter_(1, torch.topk(probs, min(min_keep, probs.shape[-1])).indices, False)  # the min_keep best stay
     return scores.masked_fill(drop, NEG_INF)
 
 
@@ -144,7 +144,9 @@ def typical_p(input_ids: torch.Tensor, scores: torch.Tensor, *, mass: float, min
     atypicality = (-logp - entropy).abs()
     ranked, order = torch.sort(atypicality)
     cumulative = scores.gather(-1, order).softmax(-1).cumsum(-1)
-    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)  # index of the last kept
+    # The index of the last kept: the first whose cumulative probability reaches `mass`. Rounding can leave the total
+    # just under a mass near 1, so that no token reaches it: then every token is kept (the clamp).
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
     drop_sorted = ranked > ranked.gather(-1, last)
     drop_sorted[:, :min_keep] = False
     drop = torch.empty_like(drop_sorted).scatter(1, order, drop_sorted)  # back to token ids (order is a permutation)
