@@ -30,4 +30,9 @@ def is_available() -> bool:
     return _IMPORT_ERROR is None and (_INTERPRET or torch.cuda.is_available())
 
 
-__all__ = ["flash_attention", "is_available"]
+def runs_on(device: torch.device) -> bool:
+    """True when flash_attention can run on tensors of `device`: a CUDA GPU, or any device in the interpreter."""
+    return is_available() and (device.type == "cuda" or _INTERPRET)
+
+
+__all__ = ["flash_attention", "is_available", "runs_on"]

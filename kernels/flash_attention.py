@@ -27,7 +27,6 @@ TRITON_INTERPRET=1 must be set before this module is imported for the kernels to
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -38,8 +37,9 @@ except ImportError as error:  # pragma: no cover - exercised only where triton i
     raise ImportError("kernels.flash_attention needs triton: pip install 'minigpt2[kernels]' (or pip install triton); "
                       "use attn_impl='sdpa' otherwise") from error
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-"""Whether the kernels below were defined for Triton's CPU interpreter (decided once, at import)."""
+INTERPRET = bool(triton.knobs.runtime.interpret)
+"""Whether the kernels below were defined for Triton's CPU interpreter (decided once, at import, by Triton's own
+reading of TRITON_INTERPRET: 1, true, on, yes)."""
 
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 _HEAD_DIMS = (16, 32, 64, 128)

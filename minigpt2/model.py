@@ -122,12 +122,12 @@ def attention_masks(T: int, past: int, attention_mask: torch.Tensor | None, devi
     return mask, (key_padding if attn_impl == "triton" and past == 0 else None)
 
 
-def _triton_available() -> bool:
+def _triton_runs_on(device: torch.device) -> bool:
     try:
         import kernels
     except ImportError:
         return False
-    return kernels.is_available()
+    return kernels.runs_on(device)
 
 
 TRITON_HEAD_SIZES = (16, 32, 64, 128)  # the head sizes kernels/flash_attention.py has tiles for
@@ -143,12 +143,12 @@ def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: to
     """
     if name == "auto":
         fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_size in TRITON_HEAD_SIZES
-        return "triton" if fast and _triton_available() else "sdpa"
+        return "triton" if fast and _triton_runs_on(device) else "sdpa"
     if name == "triton":
         if head_size not in TRITON_HEAD_SIZES:
             _warn_once(f"attn_impl='triton' supports head sizes {TRITON_HEAD_SIZES}, not {head_size}; using sdpa")
             return "sdpa"
-        if not ((device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _triton_available()):
+        if not _triton_runs_on(device):
             _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")
             return "sdpa"
     return name

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -121,6 +123,18 @@ def check_against_references(q, k, v, key_padding_mask=None, real_rows=None):
 
 def test_is_available():
     assert kernels.is_available()
+
+
+@pytest.mark.parametrize("spelling", ["true", "on"])
+def test_every_spelling_triton_interprets_runs_the_kernel_on_a_cpu(spelling):
+    """The model asks kernels whether the interpreter is on, which asks Triton: with a spelling Triton reads as on,
+    attn_impl="triton" used to warn that it needed TRITON_INTERPRET=1 and fall back to sdpa."""
+    script = ("import torch, triton, kernels; from minigpt2.model import resolve_attn_impl; "
+              "print(triton.knobs.runtime.interpret, resolve_attn_impl('triton', torch.device('cpu'), 16, "
+              "torch.float32))")
+    env = {**os.environ, "TRITON_INTERPRET": spelling, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["True", "triton"], "")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
