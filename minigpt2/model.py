@@ -331,6 +331,10 @@ class GPT(nn.Module):
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's context of "
                              f"{self.config.n_positions} positions; truncate the input or use a sliding window")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] not in (1, B)
+                                           or attention_mask.shape[1] != past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, and {B} rows of {T} tokens "
+                             f"after {past} cached ones need ({B}, {past + T}): one column per cached or new token")
         if position_ids is None:
             if attention_mask is not None:
                 # Count real tokens before each position: left padding does not shift the prompt's positions.

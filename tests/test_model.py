@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -305,7 +306,7 @@ def test_auto_attention_picks_triton_for_16_bit_cuda_attention_only(monkeypatch)
     model reports is autocast's when autocast is on."""
     from minigpt2 import model as model_module
 
-    monkeypatch.setattr(model_module, "_triton_available", lambda: True)
+    monkeypatch.setattr(model_module, "_triton_runs_on", lambda device: True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     resolve = model_module.resolve_attn_impl
     assert resolve("auto", cuda, 64, torch.bfloat16) == resolve("auto", cuda, 64, torch.float16) == "triton"
@@ -434,3 +435,26 @@ def test_kv_cache_with_gradient_checkpointing_in_training_equals_full_forward(hf
     assert cache.length == 30
     assert max_rel_err(full, expected) <= 1e-5
     assert max_rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+def test_attention_mask_of_the_wrong_length_is_refused_by_name(hf_checkpoint):
+    """A mask must have a column for every cached and new token. One short of that (the new tokens only, after a
+    cache, as a caller might think) used to fail deep in torch with "The size of tensor a (4) must match..."; a
+    mask of one row still stands for every row, as the mask of a batch of equal prompts does in transformers."""
+    ours, ref = load_pair(hf_checkpoint())
+    torch.manual_seed(9)
+    input_ids = torch.randint(0, 50257, (2, 5))
+    one_row = torch.tensor([[0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        # transformers' forward counts positions from 0 whatever the mask (its generate() derives them, as ours does)
+        positions = (one_row.cumsum(1) - 1).clamp(min=0).expand(2, 5)
+        expected = ref(input_ids, attention_mask=one_row.expand(2, 5), position_ids=positions).logits
+        assert max_rel_err(ours(input_ids, attention_mask=one_row)[:, 1:], expected[:, 1:]) <= 1e-5
+        for bad in (torch.ones(2, 4), torch.ones(2, 6), torch.ones(3, 5), torch.ones(2, 1, 5)):
+            with pytest.raises(ValueError, match=rf"^attention_mask has shape {re.escape(str(tuple(bad.shape)))}, and 2 rows of 5 "
+                                                 r"tokens after 0 cached ones need \(2, 5\)"):
+                ours(input_ids, attention_mask=bad)
+        cache = KVCache(ours.config, batch_size=2, max_len=6)
+        ours(input_ids, attention_mask=torch.ones(2, 5), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"2 rows of 1 tokens after 5 cached ones need \(2, 6\)"):
+            ours(input_ids[:, :1], attention_mask=torch.ones(2, 1), kv_cache=cache)
