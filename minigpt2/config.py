@@ -16,6 +16,11 @@ from .errors import CheckpointError, ConfigError
 EOT_ID = 50256  # <|endoftext|>: GPT-2 uses it as both start and end of text
 ATTN_IMPLS = ("naive", "sdpa", "triton", "auto")
 HUB_ORG = "openai-community/"  # where the Hub keeps OpenAI's GPT-2 checkpoints; "gpt2" is short for theirs
+# GPT2Config's other names for four fields (its attribute_map): transformers reads a config.json that uses them as
+# if it used ours. Read as ours too: the head count in particular changes no tensor's shape, so a default put in its
+# place would load without complaint and compute another model.
+HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+              "num_hidden_layers": "n_layer"}
 
 
 @dataclass
@@ -121,6 +126,13 @@ class GPTConfig:
                 raise CheckpointConfigError(f"{source}: {key}={got!r} is not supported (GPT-2 uses {expected!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields and k != "attn_impl"}
+        for alias, name in HF_ALIASES.items():
+            if alias not in data:
+                continue
+            if name in values and values[name] != data[alias]:
+                raise CheckpointConfigError(f"{source}: {name}={values[name]!r} and its other name {alias}="
+                                            f"{data[alias]!r} disagree; keep the right one and delete the other")
+            values[name] = data[alias]
         try:
             config = cls(**values)
         except ConfigError as exc:

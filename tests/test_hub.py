@@ -109,6 +109,30 @@ def test_variants_we_do_not_implement_are_refused(tmp_path, setting):
         GPT.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("alias, name", [("num_attention_heads", "n_head"), ("hidden_size", "n_embd"),
+                                         ("num_hidden_layers", "n_layer"), ("max_position_embeddings", "n_positions")])
+def test_config_json_with_transformers_other_names_for_a_field(tmp_path, alias, name):
+    """GPT2Config reads hidden_size as n_embd, and so on (its attribute_map). A head count under its other name was
+    ignored: 2 heads loaded as the default 12, which divides n_embd=48 too, and no tensor's shape told."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=48, vocab_size=300, n_positions=32,
+                                     initializer_range=0.2, bos_token_id=0, eos_token_id=0)).eval()
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[alias] = config.pop(name)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert getattr(GPT2LMHeadModel.from_pretrained(tmp_path).config, name) == config[alias]
+    x, logits = logits_of(GPT.from_pretrained(tmp_path))
+    with torch.no_grad():
+        expected = ref(x).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    config[name] = config[alias] + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {name}={config[name]} and its other name "
+                                              rf"{alias}={config[alias]} disagree; keep the right one"):
+        GPT.from_pretrained(tmp_path)
+
+
 def test_weights_use_conv1d_layout_on_disk(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=16))
