@@ -197,12 +197,13 @@ def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) ->
         name = name if name == "lm_head.weight" else f"transformer.{name}"
         if name not in expected:
             raise CheckpointError(f"{directory}: unexpected tensor {raw_name!r}; is this a GPT-2 checkpoint?")
-        if name.endswith(TRANSPOSED):
-            tensor = tensor.t()
-        if tensor.shape != expected[name].shape:
+        # Compared as stored, before the transpose: t() of a tensor of more than two dimensions is an error.
+        transposed = name.endswith(TRANSPOSED)
+        implied = expected[name].shape[::-1] if transposed else expected[name].shape
+        if tensor.shape != implied:
             raise CheckpointError(f"{directory}: tensor {raw_name!r} has shape {tuple(tensor.shape)} but config.json "
-                                  f"implies {tuple(expected[name].shape)}; config and weights do not belong together")
-        state[name] = tensor.float().contiguous()
+                                  f"implies {tuple(implied)}; config and weights do not belong together")
+        state[name] = (tensor.t() if transposed else tensor).float().contiguous()
     # The head is tied to the token embedding; files usually omit it, and where present it must be the same tensor.
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     missing = [name for name in expected if state.get(name) is None]

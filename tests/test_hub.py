@@ -248,6 +248,18 @@ def edit_weights(directory: Path, edit) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 192), (192, 64)], ids=["3-D", "not transposed"])
+def test_projection_weight_of_the_wrong_shape(broken_dir, shape):
+    """A Conv1D weight is (in, out) on disk, and the message gives that shape. One of three dimensions was a
+    RuntimeError from t() ("expects a tensor with <= 2 dimensions") before the shapes were compared."""
+    edit_weights(broken_dir, lambda tensors: tensors.update(
+        {"transformer.h.0.attn.c_attn.weight": torch.zeros(shape)}))
+    with pytest.raises(CheckpointError, match=rf"tensor 'transformer\.h\.0\.attn\.c_attn\.weight' has shape "
+                                              rf"{re.escape(str(shape))} but config\.json implies \(64, 192\); "
+                                              r"config and weights do not belong together$"):
+        GPT.from_pretrained(broken_dir)
+
+
 def test_weights_file_missing_a_tensor(broken_dir):
     """An incomplete file is refused by name; transformers would fill the gap with fresh random values."""
     edit_weights(broken_dir, lambda tensors: tensors.pop("transformer.h.1.mlp.c_fc.bias"))
