@@ -84,7 +84,7 @@ def _download(repo_id: str, name: str) -> Path:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_FILES)))
+        directory = Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_FILES)))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise CheckpointError(f"{name}: no such model on the Hugging Face Hub (repository {repo_id}); check the "
                               "spelling or pass a local checkpoint directory") from None
@@ -93,6 +93,19 @@ def _download(repo_id: str, name: str) -> Path:
         why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({type(exc).__name__})"
         raise CheckpointError(f"{name}: {why} and {repo_id} is not in the local Hugging Face cache; connect to the "
                               "internet once to download it, or pass a local checkpoint directory") from None
+    # A snapshot is returned as the cache holds it, which may be only what another program fetched (a tokenizer's
+    # files, say); and a repository whose weights are only a pickle gives a snapshot without weights.
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    missing = [file for file, present in (("config.json", (directory / "config.json").is_file()),
+                                          ("model.safetensors", any((directory / w).is_file() for w in weights)))
+               if not present]
+    if missing:
+        raise CheckpointError(f"{name}: the local Hugging Face cache's snapshot of {repo_id} ({directory}) has no "
+                              f"{' and no '.join(missing)}: either only some of its files were downloaded, so connect "
+                              "to the internet once to download it, or the repository has none (minigpt2 reads "
+                              "safetensors weights only, never pickles such as pytorch_model.bin), so choose another "
+                              "model or pass a local checkpoint directory")
+    return directory
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -771,6 +771,24 @@ def test_offline_and_not_cached_is_a_clear_error(hub_cache):
         in result.stdout
 
 
+@pytest.mark.parametrize("kept", [["config.json", "vocab.json"], ["config.json", "pytorch_model.bin"],
+                                  ["model.safetensors"]], ids=["a tokenizer's files", "a pickle", "no config"])
+def test_offline_snapshot_without_the_model_files_is_a_clear_error(hub_cache, kept):
+    """The cache holds what was downloaded: transformers' AutoTokenizer.from_pretrained("gpt2") leaves config.json
+    without weights. That was reported as a local folder to save again with safetensors, or missing config.json."""
+    snapshot = next((hub_cache / "models--openai-community--gpt2" / "snapshots").iterdir())
+    for file in snapshot.iterdir():
+        file.unlink()
+    for name in kept:
+        (snapshot / name).write_text("{}")
+    result = run_offline(hub_cache, "gpt2")
+    assert result.returncode == 3, result.stdout + result.stderr
+    missing = " and no ".join(name for name in ("config.json", "model.safetensors") if name not in kept)
+    assert f"gpt2: the local Hugging Face cache's snapshot of openai-community/gpt2 ({snapshot}) has no {missing}: " \
+           "either only some of its files were downloaded, so connect to the internet once" in result.stdout, \
+           result.stdout
+
+
 @pytest.mark.hub
 def test_real_gpt2_matches_transformers():
     """Real weights from the Hub: same logits and the same greedy continuation as transformers."""
