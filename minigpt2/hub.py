@@ -63,10 +63,16 @@ def hub_repo_id(name: str) -> str | None:
     return name
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local directory holding the checkpoint: the given one, or the Hub snapshot in the local cache."""
+def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local directory holding the checkpoint: the given one, or the Hub snapshot in the local cache (of
+    `revision`, a branch, tag or commit hash; the default branch if None)."""
     path = Path(name_or_path)
     if path.is_dir():
+        # transformers ignores the revision here; refused, because a folder that happens to share a Hub id's name
+        # would otherwise stand in for the pinned version that was asked for.
+        if revision is not None:
+            raise CheckpointError(f"{name_or_path}: is a local directory, but revision={revision!r} selects a "
+                                  "version of a Hub repository; drop revision, or pass a Hub id")
         return path
     if path.is_file():
         raise CheckpointError(f"{name_or_path}: is a file, but a checkpoint is a directory (config.json beside "
@@ -75,23 +81,27 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     if path.exists() or repo_id is None:
         raise CheckpointError(f"{name_or_path}: no such checkpoint directory, and not a Hub id; pass a directory "
                               f"written by save_pretrained or one of {', '.join(OFFICIAL)}")
-    return _download(repo_id, str(name_or_path))
+    return _download(repo_id, str(name_or_path), revision)
 
 
-def _download(repo_id: str, name: str) -> Path:
+def _download(repo_id: str, name: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_FILES)))
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{name}: {repo_id} on the Hugging Face Hub has no revision {revision!r}; check the "
+                              "branch, tag or commit hash") from None
+    except (RepositoryNotFoundError, GatedRepoError):
         raise CheckpointError(f"{name}: no such model on the Hugging Face Hub (repository {repo_id}); check the "
                               "spelling or pass a local checkpoint directory") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
         why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({type(exc).__name__})"
-        raise CheckpointError(f"{name}: {why} and {repo_id} is not in the local Hugging Face cache; connect to the "
+        which = repo_id if revision is None else f"{repo_id} at revision {revision!r}"
+        raise CheckpointError(f"{name}: {why} and {which} is not in the local Hugging Face cache; connect to the "
                               "internet once to download it, or pass a local checkpoint directory") from None
     # A snapshot is returned as the cache holds it, which may be only what another program fetched (a tokenizer's
     # files, say); and a repository whose weights are only a pickle gives a snapshot without weights.
@@ -183,9 +193,10 @@ def _read_generation_config(directory: Path, hf_config: dict) -> GenerationConfi
     return GenerationConfig.from_model_config(hf_config, source=str(file))
 
 
-def load_pretrained(name_or_path: str | os.PathLike[str], **config_overrides) -> GPT:
-    """Build a GPT from a Hub id or a save_pretrained directory (see the module docstring)."""
-    directory = resolve_checkpoint(name_or_path)
+def load_pretrained(name_or_path: str | os.PathLike[str], revision: str | None = None, **config_overrides) -> GPT:
+    """Build a GPT from a Hub id (at `revision`: a branch, tag or commit hash; the default branch if None) or a
+    save_pretrained directory (see the module docstring)."""
+    directory = resolve_checkpoint(name_or_path, revision)
     config_file = directory / "config.json"
     if not config_file.is_file():
         # A training run's output folder gets its final model only when the run completes (see trainer.py).

@@ -388,11 +388,12 @@ class GPT(nn.Module):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **config_overrides) -> GPT:
-        """Load a Hub id (`gpt2`, `openai-community/gpt2-xl`, ...) or a save_pretrained directory. See `hub.py`."""
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, **config_overrides) -> GPT:
+        """Load a Hub id (`gpt2`, `openai-community/gpt2-xl`, ...), at `revision` (a branch, tag or commit hash) if
+        given, or a save_pretrained directory. See `hub.py`."""
         from .hub import load_pretrained
 
-        return load_pretrained(name_or_path, **config_overrides)
+        return load_pretrained(name_or_path, revision, **config_overrides)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write config.json, model.safetensors and generation_config.json in the Hub's GPT-2 layout."""

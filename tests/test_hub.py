@@ -771,6 +771,45 @@ def test_offline_and_not_cached_is_a_clear_error(hub_cache):
         in result.stdout
 
 
+REVISION_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from minigpt2 import GPT, CheckpointError
+    try:
+        model = GPT.from_pretrained("gpt2", revision=sys.argv[1])
+    except CheckpointError as exc:
+        print("CheckpointError:", exc)
+        sys.exit(3)
+    x = torch.arange(40).view(2, 20) * 97
+    with torch.no_grad():
+        print("equal", torch.equal(model(x), GPT.from_pretrained(sys.argv[2])(x)))
+""")
+
+
+@pytest.mark.parametrize("revision", ["v2", "1" * 40])
+def test_hub_cache_offline_at_a_revision(hub_cache, hf_checkpoint, revision):
+    """A tag, or a commit hash, of the cached repository loads that snapshot's weights, not the default branch's.
+    revision= was a TypeError ("GPTConfig.__init__() got an unexpected keyword argument 'revision'")."""
+    repo = hub_cache / "models--openai-community--gpt2"
+    shutil.copytree(hf_checkpoint(seed=1), repo / "snapshots" / ("1" * 40))
+    (repo / "refs" / "v2").write_text("1" * 40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(hub_cache.parent)}
+    run = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=300)
+    result = run([sys.executable, "-c", REVISION_SCRIPT, revision, str(hf_checkpoint(seed=1))])
+    assert result.stdout == "equal True\n", result.stdout + result.stderr
+    result = run([sys.executable, "-c", REVISION_SCRIPT, "v3", str(hf_checkpoint(seed=1))])
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "HF_HUB_OFFLINE is set and openai-community/gpt2 at revision 'v3' is not in the local Hugging Face " \
+           "cache" in result.stdout
+
+
+def test_revision_of_a_local_directory_is_refused(hf_checkpoint):
+    """transformers ignores it there; a folder named like a Hub id would then stand in for the pinned version."""
+    path = hf_checkpoint()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: is a local directory, but "
+                                              r"revision='v2' selects a version of a Hub repository"):
+        GPT.from_pretrained(path, revision="v2")
+
+
 @pytest.mark.parametrize("kept", [["config.json", "vocab.json"], ["config.json", "pytorch_model.bin"],
                                   ["model.safetensors"]], ids=["a tokenizer's files", "a pickle", "no config"])
 def test_offline_snapshot_without_the_model_files_is_a_clear_error(hub_cache, kept):
