@@ -16,6 +16,9 @@ from .errors import CheckpointError, ConfigError
 EOT_ID = 50256  # <|endoftext|>: GPT-2 uses it as both start and end of text
 ATTN_IMPLS = ("naive", "sdpa", "triton", "auto")
 HUB_ORG = "openai-community/"  # where the Hub keeps OpenAI's GPT-2 checkpoints; "gpt2" is short for theirs
+# The fields of the function the weights were trained for: set by config.json alone, never by a caller of
+# from_pretrained (n_head and layer_norm_epsilon change no tensor's shape, so nothing else would catch them).
+ARCHITECTURE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon")
 # GPT2Config's other names for four fields (its attribute_map): transformers reads a config.json that uses them as
 # if it used ours. Read as ours too: the head count in particular changes no tensor's shape, so a default put in its
 # place would load without complaint and compute another model.
@@ -138,6 +141,12 @@ class GPTConfig:
         except ConfigError as exc:
             raise CheckpointConfigError(f"{source}: {exc}; fix the file or save the model again") from None
         # Applied after the file's values are checked, so that a bad override is not blamed on the file.
+        settable = [f.name for f in dataclasses.fields(cls) if f.name not in ARCHITECTURE]
+        for name, value in overrides.items():
+            if name not in settable:
+                raise ConfigError(f"{name}={value!r} cannot be set when loading a checkpoint: "
+                                  f"{'the checkpoint fixes it' if name in ARCHITECTURE else 'no such setting'}; "
+                                  f"from_pretrained takes revision and {', '.join(settable)}")
         return dataclasses.replace(config, **overrides)
 
 

@@ -390,7 +390,11 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, **config_overrides) -> GPT:
         """Load a Hub id (`gpt2`, `openai-community/gpt2-xl`, ...), at `revision` (a branch, tag or commit hash) if
-        given, or a save_pretrained directory. See `hub.py`."""
+        given, or a save_pretrained directory. See `hub.py`.
+
+        `config_overrides` change how the model runs, never the function its weights were trained for: the dropouts
+        (embd_pdrop, attn_pdrop, resid_pdrop), initializer_range and attn_impl; any other name is a ConfigError.
+        """
         from .hub import load_pretrained
 
         return load_pretrained(name_or_path, revision, **config_overrides)

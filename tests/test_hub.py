@@ -325,6 +325,18 @@ def test_a_bad_override_is_not_blamed_on_config_json(broken_dir):
     assert not isinstance(caught.value, CheckpointError)
 
 
+@pytest.mark.parametrize(("name", "value", "why"), [("n_layer", 3, "the checkpoint fixes it"),
+                                                    ("n_head", 2, "the checkpoint fixes it"),
+                                                    ("torch_dtype", torch.float16, "no such setting")])
+def test_an_override_of_the_architecture_or_unknown_is_refused(broken_dir, name, value, why):
+    """n_layer=3 was blamed on the files ("the weights file is incomplete"), n_head=2 loaded 64-wide heads as 32-wide
+    ones (no tensor's shape tells), and an unknown name was GPTConfig.__init__'s TypeError."""
+    with pytest.raises(ConfigError, match=rf"^{name}={re.escape(repr(value))} cannot be set when loading a "
+                                          rf"checkpoint: {why}; from_pretrained takes revision and embd_pdrop, "
+                                          r"attn_pdrop, resid_pdrop, initializer_range, attn_impl$"):
+        GPT.from_pretrained(broken_dir, **{name: value})
+
+
 def make_unreadable(monkeypatch, file: Path) -> None:
     """Make `file` fail to open as a file without read permission does, even for root (who may read any file):
     Python's open raises PermissionError, and safetensors, which opens files itself, raises what it raises for any
