@@ -11,6 +11,11 @@ The Hub's tensors differ from ours in two ways only:
   projection weights in `TRANSPOSED` are transposed on the way in and out.
 - Names may carry a `transformer.` prefix (transformers' save_pretrained) or not (the original upload), and files
   may hold the causal-mask buffers `attn.bias` / `attn.masked_bias`, which are not weights and are skipped.
+
+Weights load as float32 whatever the file stores: fp16 and bf16 values convert exactly, and the model computes in
+fp32 until it is cast (`model.to(torch.bfloat16)`) or run under autocast. transformers 5 keeps the file's dtype
+instead (config.json's `dtype`), so for a half-precision checkpoint its logits equal ours only when it is loaded with
+`dtype=torch.float32`. A save always writes float32.
 """
 
 from __future__ import annotations

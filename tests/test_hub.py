@@ -91,7 +91,10 @@ def test_sharded_and_half_precision_checkpoints(tmp_path, dtype, shard):
     if shard:
         shards = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())
         assert len(shards) > 1 and shards <= fetched
-    x, logits = logits_of(GPT.from_pretrained(tmp_path))
+    model = GPT.from_pretrained(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # as hub.py says: transformers keeps `dtype`
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).dtype == dtype
+    x, logits = logits_of(model)
     with torch.no_grad():
         expected = ref.float()(x).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
