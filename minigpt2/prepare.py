@@ -76,15 +76,7 @@ def prepare_dataset(source: str | os.PathLike[str], out_dir: str | os.PathLike[s
     block_size: if given, each split must hold at least block_size + 1 tokens (one training window), else DataError.
     workers: tokeniser threads (default: all cores). progress: show a progress bar and print a summary to stderr.
     """
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if block_size is not None and block_size < 1:
-        raise ConfigError(f"--block_size must be at least 1, got {block_size}")
-    # Checked here, before any work: numpy takes only non-negative seeds, and tiktoken needs a thread.
-    if seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers must be at least 1 (or left unset for all cores), got {workers}")
+    check_settings(val_fraction=val_fraction, seed=seed, block_size=block_size, workers=workers)
     workers = workers or os.cpu_count() or 1
     options = CleaningOptions(strip_html=strip_html, normalize_unicode=normalize_unicode, drop_control=drop_control,
                               strip_emoji=strip_emoji, normalize_whitespace=normalize_whitespace, dedup=dedup)
@@ -118,6 +110,22 @@ def prepare_dataset(source: str | os.PathLike[str], out_dir: str | os.PathLike[s
     if progress:
         print(format_summary(meta, out, time.perf_counter() - started), file=sys.stderr)
     return meta
+
+
+def check_settings(*, val_fraction: float | None = None, seed: int | None = None, block_size: int | None = None,
+                   workers: int | None = None) -> None:
+    """ConfigError for a split or run setting that no input makes valid (None: not given, so its default).
+
+    Checked before any work: numpy takes only non-negative seeds, and tiktoken needs a thread.
+    """
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ConfigError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if block_size is not None and block_size < 1:
+        raise ConfigError(f"--block_size must be at least 1, got {block_size}")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (or left unset for all cores), got {workers}")
 
 
 class _Packer:
@@ -445,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_flag(parser, "workers", type=int, metavar="N", help="tokeniser threads (default: all cores)")
     add_flag(parser, "quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
+    # Before anything else: a corpus already built would otherwise be compared with a value that cannot be built.
+    check_settings(val_fraction=args.val_fraction, seed=args.seed, block_size=args.block_size, workers=args.workers)
     reading = {name: getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name) is not None}
     settings = [*SPLIT_OPTIONS, *(f.name for f in dataclasses.fields(CleaningOptions))]
     options = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}

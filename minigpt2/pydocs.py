@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .atomic import write_atomically
 from .dataset import PreparedDataset
 from .errors import DataError
-from .prepare import prepare_dataset
+from .prepare import check_settings, prepare_dataset
 
 DOCUMENTS_FILE = "pydocs.jsonl"
 SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "turtledemo",
@@ -154,6 +154,9 @@ def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True, **op
     `options` are prepare_dataset's keywords (the split, the cleaning steps, block_size, workers); those not given
     are prepare_dataset's defaults, except CORPUS_OPTIONS.
     """
+    # Checked before the standard library is read and pydocs.jsonl replaced, not after, in prepare_dataset.
+    check_settings(**{name: options[name] for name in ("val_fraction", "seed", "block_size", "workers")
+                      if name in options})
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -720,6 +720,31 @@ def test_cli_without_input_builds_the_corpus_with_the_options_given(tmp_path, ca
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--val_fraction", "0"], "--val_fraction must be between 0 and 1 (exclusive), got 0.0"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--block_size", "0"], "--block_size must be at least 1, got 0"),
+    (["--workers", "0"], "--workers must be at least 1 (or left unset for all cores), got 0"),
+])
+def test_cli_without_input_refuses_a_setting_no_corpus_takes_before_any_work(tmp_path, capsys, monkeypatch, flags,
+                                                                             message):
+    """A value that cannot be valid is named as it is for an INPUT: over a corpus already built it was taken for
+    another build (advised to --overwrite, or reported as built), and with --overwrite, or into a new folder, the
+    standard library was read and pydocs.jsonl written before prepare_dataset refused it."""
+    out = tmp_path / "pydocs"
+    write(out / "pydocs.jsonl", '{"text": "def f():\\n    return 1"}\n{"text": "class A:\\n    pass"}\n')
+    prepare_dataset(out / "pydocs.jsonl", out, strip_html=False, progress=False)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr("minigpt2.pydocs.stdlib_modules", lambda: pytest.fail("the standard library was read"))
+    for extra in ([], ["--overwrite"]):
+        assert run_cli(["--out", out, *flags, *extra], capsys) == (2, f"error: {message}\n")
+    assert run_cli(["--out", tmp_path / "new", *flags], capsys) == (2, f"error: {message}\n")
+    assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match=message.split(" ")[0]):
+        build_pydocs(tmp_path / "new", **{flags[0].removeprefix("--"): int(flags[1])}, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path, capsys):
     """A folder of the user's files gets the dataset beside them; --overwrite replaces only the dataset's files."""
     out = tmp_path / "out"
