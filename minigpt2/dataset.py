@@ -91,11 +91,14 @@ class PreparedDataset:
                 raise DataError(f"{self.directory / f'{split}.bin'} has {size} bytes but meta.json expects "
                                 f"{expected}: the dataset is incomplete or was modified; {fix}")
 
-    def tokens(self, split: str) -> np.memmap:
+    def tokens(self, split: str) -> np.ndarray:
         """The token ids of `split` ("train" or "val"), memory-mapped read-only."""
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        return np.memmap(self.directory / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+        path = self.directory / f"{split}.bin"
+        if path.stat().st_size == 0:  # a split of no tokens (meta.json may say 0): mmap cannot map an empty file
+            return np.zeros(0, dtype=TOKEN_DTYPE)
+        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
 class BatchLoader:

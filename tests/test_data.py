@@ -340,6 +340,19 @@ def test_a_meta_json_of_format_and_counts_alone_is_read_by_every_reader(tmp_path
                                 f"data/prepare.py INPUT --out {out} --overwrite`")
 
 
+def test_a_split_of_no_tokens_reads_as_empty(tmp_path):
+    """meta.json may count 0 tokens in a split of token files made elsewhere; numpy cannot memory-map the empty
+    file (ValueError), so the split reads as an empty array, which the loaders refuse in one line."""
+    write(tmp_path / "train.bin", np.arange(10, dtype=np.uint16).tobytes())
+    write(tmp_path / "val.bin", b"")
+    write(tmp_path / "meta.json", json.dumps({"format": "minigpt2-tokens/1",
+                                              "counts": {"train_tokens": 10, "val_tokens": 0}}))
+    val = PreparedDataset(tmp_path).tokens("val")
+    assert val.dtype == np.uint16 and val.shape == (0,)
+    with pytest.raises(DataError, match="the split has 0 tokens"):
+        next(iter_eval_batches(val, 2, 4))
+
+
 def test_file_names_that_are_not_utf8_and_files_that_are_not_regular(tmp_path, capsys):
     """A file name with a Latin-1 byte prepares (meta.json writes the byte as \\xNN, where encoding the name to
     hash it raised); a named pipe in a folder is refused in one line, where reading it blocked forever."""

@@ -222,6 +222,12 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "empty_dir").mkdir()
+    # Token files made elsewhere may hold a split of no tokens, which numpy cannot memory-map.
+    (tmp_path / "empty_val").mkdir()
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "empty_val" / "train.bin")
+    (tmp_path / "empty_val" / "val.bin").write_bytes(b"")
+    (tmp_path / "empty_val" / "meta.json").write_text(json.dumps(
+        {"format": "minigpt2-tokens/1", "counts": {"train_tokens": 10, "val_tokens": 0}}), encoding="utf-8")
     model = ["--model", str(checkpoint)]
     return {
         "missing text": (model + ["--text", str(tmp_path / "nope.txt")], "no such file"),
@@ -229,6 +235,7 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
         "empty text": (model + ["--text", str(tmp_path / "empty.txt")], "at least 2"),
         "not utf-8": (model + ["--text", str(tmp_path / "latin1.txt")], "not UTF-8"),
         "empty folder": (model + ["--text", str(tmp_path / "empty_dir")], "no .txt or .md"),
+        "empty validation split": (model + ["--text", str(tmp_path / "empty_val")], "0 token(s)"),
         "stride > context": (model + ["--text", str(ok), "--stride", "65"], "--stride 65"),
         "context > n_positions": (model + ["--text", str(ok), "--context", "100"], "n_positions=64"),
         "missing model": (["--model", str(tmp_path / "no_model"), "--text", str(ok)], "no_model"),
