@@ -69,13 +69,16 @@ class Sample:
 def draw_prompts(val_tokens: Sequence[int] | np.ndarray, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
     """Openings of `num_prompts` validation documents, evenly spaced over the split, each up to `prompt_tokens` long.
 
-    Documents start after `<|endoftext|>`. With fewer documents than prompts (one long text), the prompts start at
-    evenly spaced positions instead. A prompt never crosses a document boundary; duplicates are dropped.
+    Documents start after `<|endoftext|>`, and at the start of the text (a folder of files is read as documents
+    joined by it, with none before the first). With fewer documents than prompts (one long text), the prompts start
+    at evenly spaced positions instead. A prompt never crosses a document boundary; duplicates are dropped.
     """
     if num_prompts < 1:
         raise SettingError("num_prompts", num_prompts, "must be at least 1 (or pass prompts)")
     tokens = np.asarray(val_tokens)
     doc_starts = np.flatnonzero(tokens[:-1] == EOT_ID) + 1
+    if len(tokens) and tokens[0] != EOT_ID:
+        doc_starts = np.concatenate([[0], doc_starts])
     if len(doc_starts) >= num_prompts:
         starts = doc_starts[np.linspace(0, len(doc_starts), num_prompts, endpoint=False).astype(int)]
     else:

@@ -405,6 +405,19 @@ def test_draw_prompts_opens_documents():
         draw_prompts([tok.eot_token] * 5, 2, 4)
 
 
+def test_draw_prompts_opens_every_file_of_a_folder(tmp_path):
+    """A folder's files are joined by <|endoftext|> with none before the first: the first file is a document too.
+    It was not counted, so four files gave too few documents for four prompts, and the prompts were cut from
+    evenly spaced positions (three from inside the first file) instead of the files' openings."""
+    tok = Tokenizer()
+    texts = [DOCS[0] * 4, *DOCS[1:]]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8")
+    tokens = load_eval_text(tmp_path).tokens
+    assert draw_prompts(tokens, 4, 6) == [tok.encode(text)[:6] for text in texts]
+    assert draw_prompts(tokens, 2, 6) == [tok.encode(texts[0])[:6], tok.encode(texts[2])[:6]]
+
+
 @pytest.fixture(scope="module")
 def report_dir(hf_checkpoint, tmp_path_factory):
     base = GPT.from_pretrained(hf_checkpoint(n_positions=N_POSITIONS))
