@@ -6,7 +6,7 @@ Steps run in this order on every document (`CleaningOptions` switches them):
    content) and decode entities (`&amp;` -> `&`). Only known element names count as tags, so `a < b`, `List<int>`
    or a doctest's `<BLANKLINE>` are left alone. Block elements become a line break so words do not run together.
 2. **unicode** - normalise to NFC, so that "é" is one code point however it was typed (and tokenises one way).
-3. **control** - drop control characters (NUL, escape codes, C1 controls); tab and newlines stay.
+3. **control** - drop control characters (NUL, escape codes, C1 controls); tab and line breaks (NEL too) stay.
 4. **emoji** (off by default) - drop emoji and other pictographic symbols (Unicode category So: also ©, °, box
    drawing), with the modifiers and joiners that glue emoji sequences together.
 5. **whitespace** - unify line endings to `\\n`, turn exotic spaces (no-break, ideographic...) into ` `, drop trailing
@@ -54,7 +54,7 @@ _TAG = re.compile(r"""
   | </?([A-Za-z][A-Za-z0-9]*)\b (?:[^<>"']|"[^"]*"|'[^']*')* >
 """, re.DOTALL | re.IGNORECASE | re.VERBOSE)
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")  # not NEL (\x85): a line break
 _EXOTIC_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _EXOTIC_BREAK = re.compile(r"[\x85\u2028\u2029]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
@@ -113,7 +113,8 @@ def normalize_unicode(text: str) -> str:
 
 
 def drop_control(text: str) -> str:
-    """Remove C0/C1 control characters except tab, newline and carriage return."""
+    """Remove C0/C1 control characters except tab, newline, carriage return and NEL (U+0085, a line break that the
+    whitespace step turns into a newline: removed, it would join the words on either side)."""
     return _CONTROL.sub("", text)
 
 

@@ -130,6 +130,8 @@ def test_cleaning_functions():
     assert normalize_whitespace("\n\n  indented\t \r\n\n\n\nnext\u2028line  \n") == "  indented\n\nnext\nline"
     assert strip_emoji("ok 👍🏽 fine 👩‍👩‍👧 end 🇫🇷!") == "ok fine end!"
     assert strip_emoji("naïve café") == "naïve café"
+    # NEL (U+0085) is a C1 control and a line break: the control step keeps it for the whitespace step.
+    assert Cleaner(CleaningOptions())("one\x85two\x1b three") == "one\ntwo three"
     cleaner = Cleaner(CleaningOptions(strip_emoji=True))
     assert cleaner("<p>hi 🙂</p>") == "hi"
     assert cleaner.stats.to_dict()["emoji"] == {"documents_changed": 1, "chars_removed": 2}
