@@ -181,6 +181,7 @@ class BatchLoader:
                                   f"{current[key]!r}; resume with the same data, mode, block_size and "
                                   "batch_size * world_size")
         self.seed, self.step, self.epoch, self.position = (int(state[k]) for k in ("seed", "step", "epoch", "position"))
+        self._order = None  # a permutation cached from this loader's own seed would outlive the restored one
 
 
 def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,

@@ -433,6 +433,12 @@ def test_resume_is_bit_identical(mode):
     restored.load_state_dict(state)
     for (x, y), (x2, y2) in zip(uninterrupted[19:], batches(restored, 21)):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+    # A loader that has served batches of its own seed resumes exactly too (its cached window order was kept).
+    used = BatchLoader(POSITIONS, 3, 16, mode=mode, seed=12345)
+    batches(used, 19)
+    used.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(uninterrupted[19:], batches(used, 21)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
     with pytest.raises(ConfigError, match="block_size"):
         BatchLoader(POSITIONS, 3, 8, mode=mode).load_state_dict(state)
 
