@@ -44,7 +44,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .atomic import write_atomically
+from .atomic import removed_if_failed, write_atomically
 from .dataset import PreparedDataset
 from .errors import DataError
 from .prepare import check_settings, prepare_dataset
@@ -158,12 +158,20 @@ def build_pydocs(out_dir: str | os.PathLike[str], *, progress: bool = True, **op
     check_settings(**{name: options[name] for name in ("val_fraction", "seed", "block_size", "workers")
                       if name in options})
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file of that name, or a folder we may not write to
-        raise DataError(f"cannot create output folder {out} ({exc.strerror}); choose another --out") from None
-    write_documents(out / DOCUMENTS_FILE, progress=progress)
-    prepare_dataset(out / DOCUMENTS_FILE, out, **{**CORPUS_OPTIONS, **options}, progress=progress)
+    documents = out / DOCUMENTS_FILE
+    with removed_if_failed(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, or a folder we may not write to
+            raise DataError(f"cannot create output folder {out} ({exc.strerror}); choose another --out") from None
+        had_documents = documents.exists()
+        try:
+            write_documents(documents, progress=progress)
+            prepare_dataset(documents, out, **{**CORPUS_OPTIONS, **options}, progress=progress)
+        except BaseException:
+            if not had_documents:  # a failed build leaves nothing it wrote behind (nor the folder it made)
+                documents.unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -516,6 +516,22 @@ def test_pydocs_corpus_builds_from_the_running_python(tmp_path):
     assert default_corpus(out) == out and (out / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+def test_a_failed_corpus_build_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """pydocs.jsonl is written before it is prepared: a preparation that then fails (a split too small for
+    --block_size) removed neither it nor the folder made for it. One already there stays."""
+    from minigpt2 import pydocs
+
+    monkeypatch.setattr(pydocs, "stdlib_modules", lambda: [("mod", write(tmp_path / "mod.py", '"""A module."""\n'))])
+    monkeypatch.setattr(pydocs, "pydoc_topics", lambda: iter(["# pydoc topic: one\ntext", "# pydoc topic: two\nmore"]))
+    with pytest.raises(DataError, match="too small for block_size"):
+        build_pydocs(tmp_path / "new" / "pydocs", block_size=1000, progress=False)
+    assert not (tmp_path / "new").exists()
+    kept = write(tmp_path / "old" / "pydocs.jsonl", '{"text": "an earlier build"}\n')
+    with pytest.raises(DataError, match="too small for block_size"):
+        build_pydocs(tmp_path / "old", block_size=1000, progress=False)
+    assert kept.exists()
+
+
 def test_an_interrupted_corpus_write_leaves_no_file_behind(tmp_path, monkeypatch):
     """The corpus file, like every file minigpt2 writes, appears whole or not at all (atomic.write_atomically)."""
     from minigpt2 import pydocs
