@@ -15,6 +15,9 @@ from .errors import CheckpointError, ConfigError
 
 EOT_ID = 50256  # <|endoftext|>: GPT-2 uses it as both start and end of text
 ATTN_IMPLS = ("naive", "sdpa", "triton", "auto")
+# transformers' two names for the tanh approximation of GELU, which GPT-2 uses (model.gelu_tanh): one formula written
+# out in Python, and torch's kernel for it; they differ by rounding only.
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
 HUB_ORG = "openai-community/"  # where the Hub keeps OpenAI's GPT-2 checkpoints; "gpt2" is short for theirs
 # The fields of the function the weights were trained for: set by config.json alone, never by a caller of
 # from_pretrained (n_head and layer_norm_epsilon change no tensor's shape, so nothing else would catch them).
@@ -118,7 +121,6 @@ class GPTConfig:
         if model_type != "gpt2":
             raise CheckpointConfigError(f"{source}: model_type is {model_type!r}; minigpt2 loads GPT-2 models only")
         unsupported = {
-            "activation_function": ("gelu_new", data.get("activation_function", "gelu_new")),
             "scale_attn_weights": (True, data.get("scale_attn_weights", True)),
             "scale_attn_by_inverse_layer_idx": (False, data.get("scale_attn_by_inverse_layer_idx", False)),
             "reorder_and_upcast_attn": (False, data.get("reorder_and_upcast_attn", False)),
@@ -127,6 +129,10 @@ class GPTConfig:
         for key, (expected, got) in unsupported.items():
             if got != expected:
                 raise CheckpointConfigError(f"{source}: {key}={got!r} is not supported (GPT-2 uses {expected!r})")
+        activation = data.get("activation_function", "gelu_new")
+        if activation not in TANH_GELU_NAMES:
+            raise CheckpointConfigError(f"{source}: activation_function={activation!r} is not supported (GPT-2 uses "
+                                        "'gelu_new', the tanh approximation of GELU, also named 'gelu_pytorch_tanh')")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields and k != "attn_impl"}
         for alias, name in HF_ALIASES.items():

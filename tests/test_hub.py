@@ -112,6 +112,20 @@ def test_variants_we_do_not_implement_are_refused(tmp_path, setting):
         GPT.from_pretrained(tmp_path)
 
 
+def test_gelu_under_torchs_name_for_the_tanh_approximation_loads(tmp_path):
+    """activation_function="gelu_pytorch_tanh" is GPT-2's own GELU computed by torch's kernel: it loads, to
+    transformers' logits, where it was refused as unsupported."""
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=48, vocab_size=300, n_positions=32,
+                                     initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+                                     activation_function="gelu_pytorch_tanh")).eval()
+    ref.save_pretrained(tmp_path)
+    x, logits = logits_of(GPT.from_pretrained(tmp_path))
+    with torch.no_grad():
+        expected = ref(x).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("alias, name", [("num_attention_heads", "n_head"), ("hidden_size", "n_embd"),
                                          ("num_hidden_layers", "n_layer"), ("max_position_embeddings", "n_positions")])
 def test_config_json_with_transformers_other_names_for_a_field(tmp_path, alias, name):
