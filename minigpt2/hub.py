@@ -225,7 +225,10 @@ def load_pretrained(name_or_path: str | os.PathLike[str], revision: str | None =
             continue
         name = name if name == "lm_head.weight" else f"transformer.{name}"
         if name not in expected:
-            raise CheckpointError(f"{directory}: unexpected tensor {raw_name!r}; is this a GPT-2 checkpoint?")
+            raise CheckpointError(f"{directory}: unexpected tensor {raw_name!r}, not a weight of GPT-2's language "
+                                  "model (another task's head, or a layer config.json does not count); for a head, "
+                                  "save the language model alone and load that (in transformers: GPT2LMHeadModel."
+                                  "from_pretrained(dir).save_pretrained(new_dir))")
         # Compared as stored, before the transpose: t() of a tensor of more than two dimensions is an error.
         transposed = name.endswith(TRANSPOSED)
         implied = expected[name].shape[::-1] if transposed else expected[name].shape

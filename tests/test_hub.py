@@ -21,7 +21,7 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2DoubleHeadsModel, GPT2LMHeadModel
 
 from minigpt2 import GPT, CheckpointError, ConfigError, GPTConfig
 from minigpt2.checkpoint import load_training_state, read_saved_config, rng_state, save_checkpoint
@@ -289,9 +289,26 @@ def test_weights_file_missing_a_tensor(broken_dir):
                                   "score.weight"])  # a head of another task (GPT2ForSequenceClassification's)
 def test_weights_file_with_an_unexpected_tensor(broken_dir, name):
     edit_weights(broken_dir, lambda tensors: tensors.update({name: torch.ones(64)}))
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken_dir))}: unexpected tensor '{re.escape(name)}'; "
-                                              r"is this a GPT-2 checkpoint\?$"):
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(broken_dir))}: unexpected tensor '{re.escape(name)}', "
+                                              r"not a weight of GPT-2's language model"):
         GPT.from_pretrained(broken_dir)
+
+
+def test_a_checkpoint_with_another_tasks_head_loads_after_the_fix_its_error_gives(tmp_path):
+    """GPT2DoubleHeadsModel's folder is refused for its multiple-choice head; what the message says to do gives a
+    folder that loads, to the logits of transformers' language model over the same weights."""
+    torch.manual_seed(0)
+    GPT2DoubleHeadsModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=32,
+                                    bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "double")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'multiple_choice_head\.summary\.[a-z]+', .*"
+                                              r"GPT2LMHeadModel\.from_pretrained\(dir\)\.save_pretrained\(new_dir\)"):
+        GPT.from_pretrained(tmp_path / "double")
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path / "double").eval()
+    ref.save_pretrained(tmp_path / "lm")
+    x, logits = logits_of(GPT.from_pretrained(tmp_path / "lm"))
+    with torch.no_grad():
+        expected = ref(x).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_lm_head_that_differs_from_the_token_embedding_is_refused(broken_dir):
