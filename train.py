@@ -9,7 +9,8 @@
 
 Every setting is a field of `minigpt2.train_config.TrainConfig` and a flag of the same name (`--max_steps` or
 `--max-steps`); `--config FILE.toml` sets fields from a file and flags win over it. On --resume, the settings saved
-with the checkpoint are the defaults, so `--resume auto` alone continues the run as it was.
+with the checkpoint are the defaults, so `--resume auto` alone continues the run as it was, and --out defaults to the
+folder that holds the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     """The resolved TrainConfig: defaults < saved settings of the run resumed < --config file < flags."""
-    from minigpt2.checkpoint import STATE_JSON, read_saved_config
+    from minigpt2.checkpoint import PREFIX, STATE_JSON, read_saved_config
     from minigpt2.errors import CheckpointError, MiniGPT2Error
     from minigpt2.trainer import find_resume_checkpoint
 
@@ -46,6 +47,10 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     resumed = find_resume_checkpoint(config.resume, Path(config.out))
     if resumed is not None:
         saved = {k: v for k, v in read_saved_config(resumed).items() if k not in ("resume", "overwrite")}
+        if resumed.name.startswith(PREFIX):
+            # A run goes on in the folder that holds its checkpoint: the saved --out may be relative to another
+            # working directory, or name where the folder was before it was moved.
+            saved["out"] = str(resumed.parent)
         try:
             run = dataclass_from_flags(TrainConfig, argparse.Namespace(), saved)  # the checkpoint's settings alone
         except MiniGPT2Error as exc:

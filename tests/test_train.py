@@ -1222,3 +1222,16 @@ def test_a_text_file_on_read_only_media_says_to_prepare_it_elsewhere(init_dir, t
         f"its prepared copy; run `python data/prepare.py {text} --out DIR` with a folder you can write, then train "
         "with --data DIR")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_by_path_goes_on_in_the_folder_that_holds_the_checkpoint(init_dir, prepared, tmp_path):
+    """`--resume DIR` without --out continued in the --out saved with the checkpoint, relative to whatever the
+    working directory was then: from another directory, or after the run's folder was moved, it started a new run
+    elsewhere and left the run it named as it was."""
+    Trainer(config(init_dir, prepared, tmp_path / "before", max_steps=2, eval_interval=2)).train()
+    moved = tmp_path / "after"
+    (tmp_path / "before").rename(moved)
+    for resume in (moved, moved / "checkpoint-0000002"):
+        resumed = train.parse_config(["--resume", str(resume), "--max_steps", "3"])
+        assert Path(resumed.out) == moved
+        assert Trainer(resumed).folder.continues
