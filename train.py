@@ -169,10 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.close()
 
 
-def resume_command(given: list[str]) -> list[str]:
-    """The flags that continue this run: the same ones, with --resume auto (a checkpoint of another run that it was
-    started from would be refused now: the run has files of its own)."""
+def resume_command(given: list[str], out: Path) -> list[str]:
+    """The flags that continue this run in `out`: the same ones, with --resume auto (a checkpoint of another run
+    that it was started from would be refused now: the run has files of its own), and --out if they lack it (it
+    came from the checkpoint resumed, which --resume auto no longer names)."""
     flags = list(given)
+    if not any(flag == "--out" or flag.startswith("--out=") for flag in flags):
+        flags += ["--out", str(out)]
     for i, flag in enumerate(flags):
         if flag == "--resume" and i + 1 < len(flags):
             flags[i + 1] = "auto"
@@ -207,7 +210,7 @@ def finish(config: TrainConfig, trainer, result, given: list[str], main_process:
         return 0
     if result.stopped_by in EXIT_CODES:
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.last_checkpoint}."
-              f"\nResume with: {launcher()} {script('train.py')} {shlex.join(resume_command(given))}", flush=True)
+              f"\nResume with: {launcher()} {script('train.py')} {shlex.join(resume_command(given, result.out_dir))}", flush=True)
         return EXIT_CODES[result.stopped_by]
     best = (f"best validation loss {result.best_val_loss:.4f} at {result.best_checkpoint}"
             if result.best_val_loss is not None else "no evaluation")

@@ -975,10 +975,22 @@ def test_cli_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(
 def test_the_resume_hint_continues_the_run_in_its_own_directory():
     """A run started from another directory's checkpoint has checkpoints of its own once stopped: the hint resumes
     those (--resume auto), whichever way --resume was spelled."""
-    assert train.resume_command(["--out", "b", "--resume", "a/checkpoint-0000005", "--lr", "1e-3"]) == \
+    assert train.resume_command(["--out", "b", "--resume", "a/checkpoint-0000005", "--lr", "1e-3"], Path("b")) == \
         ["--out", "b", "--resume", "auto", "--lr", "1e-3"]
-    assert train.resume_command(["--resume=a/checkpoint-0000005", "--out", "b"]) == ["--resume=auto", "--out", "b"]
-    assert train.resume_command(["--out", "b"]) == ["--out", "b", "--resume", "auto"]
+    assert train.resume_command(["--resume=a/checkpoint-0000005", "--out=b"], Path("b")) == ["--resume=auto", "--out=b"]
+    assert train.resume_command(["--out", "b"], Path("b")) == ["--out", "b", "--resume", "auto"]
+
+
+def test_the_resume_hint_finds_a_run_resumed_without_out(init_dir, prepared, tmp_path, monkeypatch):
+    """A run resumed by its checkpoint alone (`--resume DIR`, its --out taken from the checkpoint) and stopped again:
+    the hint said `--resume auto`, which looks in the default --out, not in the run's."""
+    out = tmp_path / "run"
+    Trainer(config(init_dir, prepared, out, max_steps=2, eval_interval=2)).train()
+    monkeypatch.chdir(tmp_path)
+    given = ["--resume", str(out / "checkpoint-0000002"), "--max_steps", "4"]
+    resumed = Trainer(train.parse_config(given)).train(stop_after=3)
+    hint = train.parse_config(train.resume_command(given, resumed.out_dir))
+    assert trainer_module.find_resume_checkpoint(hint.resume, Path(hint.out)) == resumed.last_checkpoint
 
 
 @pytest.mark.parametrize("flag", ["--compile", "--compile_optimizer"])
