@@ -139,6 +139,23 @@ def save_checkpoint(out_dir: str | os.PathLike[str], step: int, model: torch.nn.
     return final
 
 
+def copy_checkpoint_folder(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], step: int) -> Path:
+    """Copy the checkpoint `source` into `out_dir` as checkpoint-<step>, atomically as save_checkpoint writes one;
+    return its path."""
+    out = Path(out_dir)
+    final = out / checkpoint_name(step)
+    staging = out / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, staging)
+        _fsync_directory_tree(staging)
+        os.replace(staging, final)
+        _fsync(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
 def load_training_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The training state saved in `checkpoint` (tensors on the CPU), with every part that resuming reads checked
     (see `_check_resumable`). CheckpointError, naming the file, if it is missing, unreadable or damaged."""

@@ -265,6 +265,7 @@ class Trainer:
         # The updates since the last metrics.jsonl line; checkpointed, so a resumed run writes the same lines.
         self.log_window = _empty_window()
         self.last_saved_step: int | None = None
+        self.best_elsewhere: Path | None = None  # the best checkpoint, in the folder of a run resumed into --out
         self._stop_signal: str | None = None
         self._files_started = False
         if state is not None:
@@ -397,7 +398,18 @@ class Trainer:
         self.best_val_loss, self.best_step = tracker["best_val_loss"], tracker["best_step"]
         self.evals_without_improvement = tracker["evals_without_improvement"]
         self.log_window = state.get("log_window", _empty_window())
-        self.last_saved_step = self.step
+        # A run resumed into another --out has no checkpoint there yet, and its best one so far is in the folder it
+        # came from: copied over with the first save, the new folder holds every checkpoint that it names.
+        self.last_saved_step = self.step if self.folder.continues else None
+        if not self.folder.continues and self.best_step is not None:
+            best = self.resume_from if self.best_step == self.step else \
+                self.resume_from.parent / ckpt.checkpoint_name(self.best_step)
+            if not ckpt.is_checkpoint(best):
+                raise ConfigError(f"--resume {self.config.resume}: the run's best checkpoint so far, {best}, is "
+                                  f"missing (a run resumed into another --out copies it there, to end with the best "
+                                  f"model); resume it in its own folder, {self.resume_from.parent}, or start a new "
+                                  f"run from its weights with --init {self.resume_from}")
+            self.best_elsewhere = best
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])
@@ -622,8 +634,11 @@ class Trainer:
                                  "evals_without_improvement": self.evals_without_improvement},
                      "log_window": dict(self.log_window)}
             ckpt.save_checkpoint(self.out, self.step, self.raw_model, state)
+            if self.best_elsewhere is not None and self.best_step != self.step:
+                ckpt.copy_checkpoint_folder(self.best_elsewhere, self.out, self.best_step)
             ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints, self._checkpoint_path(self.best_step))
         self.last_saved_step = self.step
+        self.best_elsewhere = None
         self.dist.barrier()
 
     def _export_best(self) -> Path | None:

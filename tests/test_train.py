@@ -1247,3 +1247,22 @@ def test_resume_by_path_goes_on_in_the_folder_that_holds_the_checkpoint(init_dir
         resumed = train.parse_config(["--resume", str(resume), "--max_steps", "3"])
         assert Path(resumed.out) == moved
         assert Trainer(resumed).folder.continues
+
+
+def test_a_run_resumed_into_another_folder_ends_with_its_best_model(init_dir, prepared, tmp_path, monkeypatch):
+    """Resumed into another --out, a run whose best checkpoint so far stayed best looked for it in the new folder:
+    the end of the run failed to export it (no such file). It is copied over with the first save."""
+    settings = dict(max_steps=8, eval_interval=2, keep_checkpoints=1)
+    first = Trainer(config(init_dir, prepared, tmp_path / "a", **settings))
+    monkeypatch.setattr(first, "evaluate", iter([3.0, 2.0]).__next__)
+    assert first.train(stop_after=5).best_checkpoint.name == "checkpoint-0000004"
+    resumed = Trainer(config(init_dir, prepared, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-0000005"),
+                             **settings))
+    monkeypatch.setattr(resumed, "evaluate", iter([2.5, 2.6]).__next__)
+    result = resumed.train()
+    assert result.best_checkpoint == tmp_path / "b" / "checkpoint-0000004"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b")] == ["checkpoint-0000004", "checkpoint-0000008"]
+    best = tmp_path / "a" / "checkpoint-0000004"
+    for name in ("model.safetensors", ckpt.STATE_TENSORS):
+        assert (result.best_checkpoint / name).read_bytes() == (best / name).read_bytes()
+    assert (result.model_dir / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
