@@ -209,8 +209,9 @@ def finish(config: TrainConfig, trainer, result, given: list[str], main_process:
     if not main_process:
         return 0
     if result.stopped_by in EXIT_CODES:
+        resume = shlex.join(resume_command(given, result.out_dir))
         print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.last_checkpoint}."
-              f"\nResume with: {launcher()} {script('train.py')} {shlex.join(resume_command(given, result.out_dir))}", flush=True)
+              f"\nResume with: {launcher()} {script('train.py')} {resume}", flush=True)
         return EXIT_CODES[result.stopped_by]
     best = (f"best validation loss {result.best_val_loss:.4f} at {result.best_checkpoint}"
             if result.best_val_loss is not None else "no evaluation")

@@ -451,8 +451,9 @@ def test_attention_mask_of_the_wrong_length_is_refused_by_name(hf_checkpoint):
         expected = ref(input_ids, attention_mask=one_row.expand(2, 5), position_ids=positions).logits
         assert max_rel_err(ours(input_ids, attention_mask=one_row)[:, 1:], expected[:, 1:]) <= 1e-5
         for bad in (torch.ones(2, 4), torch.ones(2, 6), torch.ones(3, 5), torch.ones(2, 1, 5)):
-            with pytest.raises(ValueError, match=rf"^attention_mask has shape {re.escape(str(tuple(bad.shape)))}, and 2 rows of 5 "
-                                                 r"tokens after 0 cached ones need \(2, 5\)"):
+            shape = re.escape(str(tuple(bad.shape)))
+            with pytest.raises(ValueError, match=rf"^attention_mask has shape {shape}, and 2 rows of 5 tokens after 0 "
+                                                 r"cached ones need \(2, 5\)"):
                 ours(input_ids, attention_mask=bad)
         cache = KVCache(ours.config, batch_size=2, max_len=6)
         ours(input_ids, attention_mask=torch.ones(2, 5), kv_cache=cache)
