@@ -48,8 +48,12 @@ def load_ranks(path: str | os.PathLike[str] | None = None) -> dict[bytes, int]:
     """Read `base64(token) rank` lines into {token bytes: rank}, after checking the file's sha256."""
     if path is None:
         path = Path(__file__).parent / "assets" / RANKS_FILE
-    data = Path(path).read_bytes()
     where = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:  # part of the package: only a broken installation lacks it
+        raise CheckpointError(f"{where}: cannot read GPT-2's BPE rank file ({exc.strerror}); reinstall minigpt2") \
+            from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
         raise CheckpointError(f"{where} has sha256 {digest}, expected {RANKS_SHA256}: the BPE rank file is "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,7 @@ def test_rank_file_hash_is_checked(tmp_path):
     corrupted.write_bytes(good.replace(b" 50255", b" 50254"))
     with pytest.raises(CheckpointError, match="sha256 .* expected 306cd27f"):
         load_ranks(corrupted)
+    # A missing file is an installation to repair too, where it was "check the path and its permissions".
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'gone'))}: cannot read GPT-2's BPE rank "
+                                              r"file \(No such file or directory\); reinstall minigpt2$"):
+        load_ranks(tmp_path / "gone")
