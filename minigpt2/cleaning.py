@@ -6,12 +6,14 @@ Steps run in this order on every document (`CleaningOptions` switches them):
    content) and decode entities (`&amp;` -> `&`). Only known element names count as tags, so `a < b`, `List<int>`
    or a doctest's `<BLANKLINE>` are left alone. Block elements become a line break so words do not run together.
 2. **unicode** - normalise to NFC, so that "é" is one code point however it was typed (and tokenises one way).
-3. **control** - drop control characters (NUL, escape codes, C1 controls); tab and line breaks (NEL too) stay.
+3. **control** - drop control characters (NUL, escape codes, C1 controls); tab and line breaks (form feed, vertical
+   tab and NEL too) stay.
 4. **emoji** (off by default) - drop emoji and other pictographic symbols (Unicode category So: also ©, °, box
    drawing), with the modifiers and joiners that glue emoji sequences together.
-5. **whitespace** - unify line endings to `\\n`, turn exotic spaces (no-break, ideographic...) into ` `, drop trailing
-   spaces on each line, keep at most one blank line in a row, and trim blank lines at both ends. Indentation and runs
-   of spaces inside a line are kept: they carry meaning in code and tables.
+5. **whitespace** - unify line endings and other line breaks (form feed, NEL, U+2028...) to `\\n`, turn exotic
+   spaces (no-break, ideographic...) into ` `, drop trailing spaces on each line, keep at most one blank line in a
+   row, and trim blank lines at both ends. Indentation and runs of spaces inside a line are kept: they carry meaning
+   in code and tables.
 
 Then `Deduplicator` drops documents whose cleaned text is byte-for-byte identical to an earlier one (16-byte
 BLAKE2b fingerprints, so millions of documents cost tens of MB). A document that is empty after cleaning is dropped
@@ -54,9 +56,10 @@ _TAG = re.compile(r"""
   | </?([A-Za-z][A-Za-z0-9]*)\b (?:[^<>"']|"[^"]*"|'[^']*')* >
 """, re.DOTALL | re.IGNORECASE | re.VERBOSE)
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")  # not NEL (\x85): a line break
+# Not the line breaks among the controls (str.splitlines' own): \n, \r, vertical tab \x0b, form feed \x0c, NEL \x85.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]")
 _EXOTIC_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
-_EXOTIC_BREAK = re.compile(r"[\x85\u2028\u2029]")
+_EXOTIC_BREAK = re.compile(r"[\x0b\x0c\x85\u2028\u2029]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUN = re.compile(r"\n{3,}")
 
@@ -113,8 +116,8 @@ def normalize_unicode(text: str) -> str:
 
 
 def drop_control(text: str) -> str:
-    """Remove C0/C1 control characters except tab, newline, carriage return and NEL (U+0085, a line break that the
-    whitespace step turns into a newline: removed, it would join the words on either side)."""
+    """Remove C0/C1 control characters except tab and the line breaks (newline, carriage return, vertical tab, form
+    feed, NEL), which the whitespace step turns into newlines: removed, they would join the words on either side."""
     return _CONTROL.sub("", text)
 
 

@@ -132,6 +132,8 @@ def test_cleaning_functions():
     assert strip_emoji("naïve café") == "naïve café"
     # NEL (U+0085) is a C1 control and a line break: the control step keeps it for the whitespace step.
     assert Cleaner(CleaningOptions())("one\x85two\x1b three") == "one\ntwo three"
+    # So are form feed and vertical tab (str.splitlines' line breaks): they were deleted, joining "page1page2".
+    assert Cleaner(CleaningOptions())("page1\x0cpage2\x0bthree\n\x0c\nfour") == "page1\npage2\nthree\n\nfour"
     cleaner = Cleaner(CleaningOptions(strip_emoji=True))
     assert cleaner("<p>hi 🙂</p>") == "hi"
     assert cleaner.stats.to_dict()["emoji"] == {"documents_changed": 1, "chars_removed": 2}
