@@ -105,22 +105,30 @@ def parse_path(text: str) -> str:
 def read_text_file(path: str | Path, flag: str | None = None) -> str:
     """The text of the UTF-8 file at `path`, which the flag `--flag` names (None: a file the library was given).
 
-    A leading byte-order mark, which Windows editors write, is dropped: it is not text. A folder, a missing or
-    unreadable file and bytes that are not UTF-8 are a DataError of one line that starts with `--flag path: ` (with
-    `path: ` alone when there is no flag) and says what to do.
+    Read as Python's text mode reads it: line endings (\\r\\n, \\r) become \\n, as in the prepared training data. A
+    leading byte-order mark, which Windows editors write, is dropped: it is not text. A folder, a missing or
+    unreadable file, a NUL byte (a binary or UTF-16 file, which prepare refuses too) and bytes that are not UTF-8 are
+    a DataError of one line that starts with `--flag path: ` (with `path: ` alone when there is no flag) and says what
+    to do.
     """
     where = f"--{flag} {path}" if flag else str(path)
     file = Path(path)
     if file.is_dir():  # reading one fails with a different OSError on each system
         raise DataError(f"{where}: is a directory; pass a text file")
     try:
-        return file.read_text(encoding="utf-8-sig")
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{where}: no such file; check the path") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
     except OSError as exc:
         raise DataError(f"{where}: cannot be read ({exc.strerror}); pass a readable text file") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{where}: not text, a NUL byte at byte {nul} (a binary or UTF-16 file); convert it to UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds

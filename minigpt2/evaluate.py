@@ -200,7 +200,7 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
     """Read evaluation text from a file, a folder of .txt/.md files, or a prepared dataset's validation split.
 
     A folder's files are read in sorted order and joined by `<|endoftext|>`, the document separator GPT-2 was trained
-    with. A prepared dataset (a folder with `meta.json` and `val.bin`, see `dataset.py`) is already tokenized; its
+    with; empty files are skipped. Text is read as `cli.read_text_file` reads it (line endings as \\n). A prepared dataset (a folder with `meta.json` and `val.bin`, see `dataset.py`) is already tokenized; its
     validation split is used as is.
     """
     path = Path(path)
@@ -217,7 +217,8 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
                             "text files to it, or pass a text file or a dataset folder written by data/prepare.py")
     else:
         files = [path]
-    texts = [read_text_file(file) for file in files]
+    # An empty file is no document (prepare drops them too): it gets no <|endoftext|> to predict.
+    texts = [text for text in map(read_text_file, files) if text]
     ids: list[int] = []
     for i, encoded in enumerate(tokenizer.encode_batch(texts)):
         ids.extend(([EOT_ID] if i else []) + encoded)

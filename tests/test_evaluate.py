@@ -168,6 +168,18 @@ def test_folder_is_documents_joined_by_endoftext(tmp_path):
     assert loaded.n_bytes == len("first é".encode()) + len(b"second") + len(b"stale copy")
 
 
+def test_empty_files_are_skipped_and_line_endings_read_as_newlines(tmp_path):
+    """An empty file of a folder adds no <|endoftext|> (prepare drops empty documents; it added one per file), and
+    CRLF or CR line endings are scored as the newlines that prepared training text holds."""
+    (tmp_path / "a.txt").write_bytes(b"one\r\ntwo\rthree")
+    (tmp_path / "b.txt").write_bytes(b"")
+    (tmp_path / "c.txt").write_bytes(b"four\n")
+    loaded = load_eval_text(tmp_path)
+    tok = Tokenizer()
+    assert loaded.tokens.tolist() == tok.encode("one\ntwo\nthree") + [tok.eot_token] + tok.encode("four\n")
+    assert loaded.n_bytes == len(b"one\ntwo\nthree") + len(b"four\n")
+
+
 def test_byte_order_mark_is_not_text(tmp_path):
     """A UTF-8 file saved with a BOM evaluates like the same file without one (data/prepare.py drops it too)."""
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "caf\u00e9 au lait".encode())
@@ -221,6 +233,7 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "one_token.txt").write_text("a", encoding="utf-8")
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "utf16.txt").write_bytes("text".encode("utf-16-le"))  # valid UTF-8 too, with a NUL after each letter
     (tmp_path / "empty_dir").mkdir()
     # Token files made elsewhere may hold a split of no tokens, which numpy cannot memory-map.
     (tmp_path / "empty_val").mkdir()
@@ -234,6 +247,7 @@ def bad_inputs(tmp_path, checkpoint) -> dict[str, tuple[list[str], str]]:
         "one token": (model + ["--text", str(tmp_path / "one_token.txt")], "at least 2"),
         "empty text": (model + ["--text", str(tmp_path / "empty.txt")], "at least 2"),
         "not utf-8": (model + ["--text", str(tmp_path / "latin1.txt")], "not UTF-8"),
+        "NUL bytes": (model + ["--text", str(tmp_path / "utf16.txt")], "not text, a NUL byte at byte 1"),
         "empty folder": (model + ["--text", str(tmp_path / "empty_dir")], "no .txt or .md"),
         "empty validation split": (model + ["--text", str(tmp_path / "empty_val")], "0 token(s)"),
         "stride > context": (model + ["--text", str(ok), "--stride", "65"], "--stride 65"),
@@ -302,6 +316,7 @@ def test_bad_prompts_file_names_the_flag(checkpoint, tmp_path, capsys):
     text = tmp_path / "val.txt"
     text.write_text(TEXT, encoding="utf-8")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "utf16.txt").write_bytes("text".encode("utf-16-le"))  # valid UTF-8 too, with a NUL after each letter
     (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "a_dir").mkdir()
     for name, fix in (("missing.txt", "no such file; check the path"), ("a_dir", "is a directory; pass a text file"),
