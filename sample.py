@@ -35,7 +35,7 @@ with interrupt_quietly():  # torch loads here, for a second or two
     from minigpt2.generation_config import (SAMPLING_SETTINGS, STRATEGIES, GenerationConfig, SettingError,
                                            describe_strategy)
     from minigpt2.hub import generation_settings_file, resolve_checkpoint
-    from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
+    from minigpt2.quality import distinct_n, mean_logprob, mean_over_texts, repeated_ngram_rate
 
 
 def _optional(convert: Callable[[str], typing.Any]) -> Callable[[str], typing.Any]:
@@ -193,8 +193,8 @@ def compare(model: GPT, tok: Tokenizer, prompt_ids: torch.Tensor, settings: dict
             print(shown_text(tok, prompt_text, tokens, config).strip() or "(nothing)")
             print()
         rows.append((name, len(texts), distinct_n(texts, 1), distinct_n(texts, 2),
-                     sum(repeated_ngram_rate(t, 3) for t in texts) / len(texts),
-                     sum(mean_logprob(model, prompt, t) for t in texts) / len(texts),
+                     mean_over_texts(texts, [repeated_ngram_rate(t, 3) for t in texts]),
+                     mean_over_texts(texts, [mean_logprob(model, prompt, t) for t in texts]),
                      sum(len(t) for t in texts) / len(texts)))
     print(f"{'strategy':<10}{'samples':>8}{'distinct-1':>12}{'distinct-2':>12}{'rep-3':>8}{'logprob/tok':>13}"
           f"{'tokens':>8}")

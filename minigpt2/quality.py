@@ -50,6 +50,19 @@ def repeated_ngram_rate(tokens: Sequence[int], n: int) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def mean_over_texts(texts: Sequence[Sequence[int]], figures: Sequence[float]) -> float:
+    """The mean of one figure per text over the texts that have tokens (NaN when none has).
+
+    A sample that ended at once has no log-probability (NaN, which would make any mean NaN) and no n-gram to
+    repeat: it is left out of every mean alike, rather than counted as a repeat rate of 0.
+
+    >>> mean_over_texts([[1, 2], [], [3]], [0.5, float("nan"), 1.0])
+    0.75
+    """
+    kept = [figure for text, figure in zip(texts, figures, strict=True) if len(text)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 @torch.no_grad()
 def mean_logprob(model: torch.nn.Module, prompt_ids: Sequence[int] | torch.Tensor,
                  continuation_ids: Sequence[int] | torch.Tensor) -> float:

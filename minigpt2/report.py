@@ -35,7 +35,7 @@ from .evaluate import evaluating, perplexity
 from .generate import PromptTooLongError, StopStrings, check_length
 from .generation_config import STRATEGIES, GenerationConfig, SettingError, describe_strategy
 from .model import GPT
-from .quality import distinct_n, mean_logprob, repeated_ngram_rate
+from .quality import distinct_n, mean_logprob, mean_over_texts, repeated_ngram_rate
 from .tokenizer import EOT_ID, Tokenizer
 
 HOW_TO_READ = (
@@ -238,11 +238,12 @@ class _Report:
         return describe_strategy(strategy)
 
     def summary(self, strategy: str, name: str) -> tuple[float, float, float, float]:
-        """distinct-1/2 pooled over all prompts' samples, and the mean over prompts of rep-3 and mean log-prob."""
+        """distinct-1/2 pooled over all prompts' samples, and the mean over the samples with text of rep-3 and mean
+        log-prob."""
         runs = self.samples[strategy][name]
-        logprobs = [s.mean_logprob for s in runs if s.tokens]
-        return (distinct_n([s.tokens for s in runs], 1), distinct_n([s.tokens for s in runs], 2),
-                float(np.mean([s.repeated_3 for s in runs])), float(np.mean(logprobs)) if logprobs else float("nan"))
+        texts = [s.tokens for s in runs]
+        return (distinct_n(texts, 1), distinct_n(texts, 2), mean_over_texts(texts, [s.repeated_3 for s in runs]),
+                mean_over_texts(texts, [s.mean_logprob for s in runs]))
 
     def perplexity_rows(self) -> list[list[str]]:
         rows = []

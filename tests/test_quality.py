@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from minigpt2 import GPT, ConfigError
-from minigpt2.quality import distinct_n, mean_logprob, repeated_ngram_rate
+from minigpt2.quality import distinct_n, mean_logprob, mean_over_texts, repeated_ngram_rate
 
 N_POSITIONS = 16  # small, so that a prompt and continuation overflow the context cheaply
 
@@ -47,6 +47,19 @@ def test_ngram_figures_are_zero_when_no_ngram_fits():
     assert distinct_n([], 1) == 0.0
     assert repeated_ngram_rate([1, 2], 3) == 0.0
     assert repeated_ngram_rate([], 1) == 0.0
+
+
+def test_means_over_samples_leave_out_the_empty_ones_alike():
+    """An empty sample has no log-probability (NaN) and no n-gram: sample.py --compare averaged the NaN into its
+    table (one sample that ended at once made the strategy's figure NaN), and the report counted it as a repeat
+    rate of 0 while leaving it out of the log-probability."""
+    texts = [[1, 2, 3, 1, 2, 3], [], [4, 5]]
+    rates = [repeated_ngram_rate(t, 3) for t in texts]  # 1/4, 0 (no 3-gram), 0
+    assert mean_over_texts(texts, rates) == (1 / 4 + 0 + 0) / 2
+    assert mean_over_texts(texts, [-1.0, math.nan, -3.0]) == -2.0
+    assert math.isnan(mean_over_texts([[], []], [math.nan, math.nan]))
+    with pytest.raises(ValueError):  # one figure per text
+        mean_over_texts(texts, rates[:2])
 
 
 @pytest.mark.parametrize("n", [0, -1])
