@@ -466,16 +466,17 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tokens_per_step / seconds:,.0f} tok/s")
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    mean_loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
-                    self._write_metrics({"step": self.step, "loss": mean_loss, "lr": lr,
-                                         "grad_norm": norm, "tokens_per_s": tokens_per_step * window["steps"] /
-                                         window["seconds"], "tokens": self.step * tokens_per_step})
-                    window.update(_empty_window())
+                    self._write_window(window, lr, norm, tokens_per_step)
                 # A step that was due an evaluation gets it even when a signal stops the run there: otherwise the
                 # resumed run would never evaluate that step, and its best checkpoint and patience would differ.
                 at_eval = cfg.eval_interval and self.step % cfg.eval_interval == 0
                 if at_eval or self.step == cfg.max_steps:
-                    stopped_by = self._evaluate_and_save()
+                    stopped_by = self._evaluate_and_track()
+                    if stopped_by == "early stopping" and window["steps"]:  # the run ends: its last steps' line
+                        self._write_window(window, lr, norm, tokens_per_step)
+                    self._save()
+                    # A signal during the evaluation stops the run at this step, which is saved, not after another.
+                    stop_requested = stop_requested or (stopped_by is None and self._stop_agreed())
                 if stopped_by is None and self.step < cfg.max_steps:
                     if stop_requested:
                         stopped_by = self._stop_signal or "a signal in another process"
@@ -493,6 +494,21 @@ class Trainer:
             self.folder.plot_loss(log=self._log)
         return TrainResult(self.step, self.out, self._checkpoint_path(self.last_saved_step),
                            self._checkpoint_path(self.best_step), self.best_val_loss, stopped_by, model_dir)
+
+    def _write_window(self, window: dict[str, float], lr: float, norm: float, tokens_per_step: int) -> None:
+        """Write the metrics.jsonl line of the updates since the last one (`window`), and start a new window."""
+        mean_loss = window["loss"] / window["finite"] if window["finite"] else float("nan")
+        self._write_metrics({"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": norm,
+                             "tokens_per_s": tokens_per_step * window["steps"] / window["seconds"],
+                             "tokens": self.step * tokens_per_step})
+        window.update(_empty_window())
+
+    def _stop_agreed(self) -> bool:
+        """Whether a signal has asked any process to stop; every process gets the same answer."""
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(flag)
+        return bool(flag.item())
 
     def train_step(self) -> tuple[float, float, float, bool]:
         """One update of the loop, without logging or checkpoints (what `train` repeats and benchmarks time).
@@ -594,8 +610,18 @@ class Trainer:
         self.raw_model.train()
         return (total[0] / total[1]).item()
 
-    def _evaluate_and_save(self) -> str | None:
-        """Evaluate, checkpoint, and say "early stopping" if patience has run out."""
+    def _saved_config(self) -> dict[str, Any]:
+        """The settings that a resumed run takes as its own, with the local paths of --data and --init made absolute:
+        it may be resumed from another working directory, where relative ones would name other files or none."""
+        saved = self.config.to_dict()
+        for name in ("data", "init"):
+            value = saved[name]
+            if value and value != "scratch" and Path(value).exists():
+                saved[name] = str(Path(value).resolve())
+        return saved
+
+    def _evaluate_and_track(self) -> str | None:
+        """Evaluate, keep track of the best step, and say "early stopping" if patience has run out."""
         val_loss = self.evaluate()
         if not math.isfinite(val_loss):  # the weights overflowed: nothing after this step is worth keeping
             where = self._checkpoint_path(self.last_saved_step)
@@ -610,7 +636,6 @@ class Trainer:
         self._write_metrics({"step": self.step, "val_loss": val_loss, "val_ppl": perplexity_of(val_loss)})
         self._log(f"step {self.step}: val loss {val_loss:.4f}, perplexity {perplexity_of(val_loss):.6g}"
                   f"{' (best)' if improved else f' (best {self.best_val_loss:.4f} at step {self.best_step})'}")
-        self._save()
         patience = self.config.patience
         if patience and self.evals_without_improvement >= patience and self.step < self.config.max_steps:
             self._log(f"early stopping: no better validation loss in {patience} evaluations")
@@ -625,7 +650,7 @@ class Trainer:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng)  # in-memory exchange between our own processes; files stay pickle-free
         if self.dist.is_main:
-            state = {"step": self.step, "config": self.config.to_dict(), "world_size": self.dist.world_size,
+            state = {"step": self.step, "config": self._saved_config(), "world_size": self.dist.world_size,
                      "precision": {"dtype": self.dtype, "device": self.device.type},
                      "optimizer": self.optimizer.state_by_name(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,

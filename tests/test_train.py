@@ -365,6 +365,35 @@ def test_early_stopping_keeps_best_and_last(init_dir, prepared, tmp_path, monkey
     assert [e["val_loss"] for e in evals] == [3.0, 2.0, 2.5, 2.6]
 
 
+def test_early_stopping_logs_the_updates_since_the_last_line(init_dir, prepared, tmp_path, monkeypatch):
+    """A run that stops early between two log lines writes a line for its last updates, as a run reaching max_steps
+    does (steps 7-8 had none), and its last checkpoint holds no window of updates left to write."""
+    scripted = iter([3.0, 2.0, 2.5, 2.6])
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=20, eval_interval=2, patience=2,
+                             log_interval=3))
+    monkeypatch.setattr(trainer, "evaluate", lambda: next(scripted))
+    result = trainer.train()
+    assert result.stopped_by == "early stopping" and result.step == 8
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [3, 6, 8]
+    assert ckpt.load_training_state(result.last_checkpoint)["log_window"]["steps"] == 0
+
+
+def test_a_signal_during_an_evaluation_stops_the_run_at_that_step(init_dir, prepared, tmp_path, monkeypatch):
+    """SIGTERM while evaluating: the step just evaluated is saved and the run stops there, where it went on with one
+    more update (the stop was read in the next step) and saved that."""
+    trainer = Trainer(config(init_dir, prepared, tmp_path, max_steps=8, eval_interval=4))
+    evaluate = trainer.evaluate
+
+    def signalled_while_evaluating() -> float:
+        trainer._stop_signal = "SIGTERM"  # what the handler does when the signal arrives
+        return evaluate()
+
+    monkeypatch.setattr(trainer, "evaluate", signalled_while_evaluating)
+    result = trainer.train()
+    assert (result.stopped_by, result.step, result.last_checkpoint.name) == ("SIGTERM", 4, "checkpoint-0000004")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000004"]
+
+
 def test_checkpoint_loads_in_transformers_with_equal_logits(init_dir, prepared, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -1247,6 +1276,19 @@ def test_resume_by_path_goes_on_in_the_folder_that_holds_the_checkpoint(init_dir
         resumed = train.parse_config(["--resume", str(resume), "--max_steps", "3"])
         assert Path(resumed.out) == moved
         assert Trainer(resumed).folder.continues
+
+
+def test_relative_data_and_init_are_found_when_resuming_from_another_directory(init_dir, prepared, tmp_path,
+                                                                               monkeypatch):
+    """--data and --init typed relative to the working directory were saved as typed, so a run resumed from another
+    directory read them against that one: its data was missing, and its before/after report at the end could not
+    load the model it started from."""
+    monkeypatch.chdir(init_dir.parent)
+    Trainer(config(init_dir.name, os.path.relpath(prepared), tmp_path / "run", max_steps=2, eval_interval=2)).train()
+    monkeypatch.chdir(tmp_path)
+    resumed = train.parse_config(["--resume", str(tmp_path / "run"), "--max_steps", "3"])
+    assert (Path(resumed.init), Path(resumed.data)) == (init_dir.resolve(), Path(prepared).resolve())
+    assert Trainer(resumed).train().step == 3
 
 
 def test_a_run_resumed_into_another_folder_ends_with_its_best_model(init_dir, prepared, tmp_path, monkeypatch):
