@@ -18,7 +18,8 @@ original order. Splitting by document keeps any one document out of both splits.
 
 How it fails. Everything is written to a scratch folder beside the output and moved into place with atomic renames
 (meta.json last) only when the whole run succeeded. A failed or interrupted run removes its scratch folder and leaves
-an earlier prepared dataset in the output folder untouched.
+an earlier prepared dataset in the output folder untouched. A run killed outright (SIGKILL, out of memory) cannot
+clean up: the next preparation of the same output folder deletes the scratch folders of processes that no longer run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import removed_if_failed
+from .atomic import removed_if_failed, staging_path
 from .cleaning import Cleaner, CleaningOptions, Deduplicator
 from .cli import add_dataclass_flags, add_flag, make_parser, parse_path, run_main
 from .dataset import FORMAT, PREPARED_FILES, TOKEN_DTYPE, PreparedDataset, is_prepared
@@ -312,7 +312,9 @@ class _Staging:
         parent = out.absolute().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".partial", dir=parent))
+            # Named for this process, so that the next preparation of `out` deletes what a killed one left.
+            self.path = staging_path(parent, out.absolute().name)
+            self.path.mkdir()
         except OSError as exc:
             raise OutputFolderError(f"cannot write to {parent} ({exc.strerror})") from None
         return self.path

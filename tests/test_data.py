@@ -23,6 +23,7 @@ import torch
 
 from minigpt2 import ConfigError, DataError, Tokenizer
 from minigpt2 import sources
+from minigpt2.atomic import staging_path
 from minigpt2.cli import run_main
 from minigpt2.cleaning import Cleaner, CleaningOptions, normalize_whitespace, strip_emoji, strip_html
 from minigpt2.dataset import BatchLoader, PreparedDataset, iter_eval_batches
@@ -618,7 +619,7 @@ def test_cli_bad_input_is_one_line_exit_2(cli_runs, case, expected):
     for part in expected:
         assert part in lines[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == baseline
-    assert not [p for p in tmp.iterdir() if p.name.endswith(".partial")]
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_cli_prepares_and_summarises(cli_runs):
@@ -907,13 +908,35 @@ def test_sigterm_while_preparing_exits_cleanly_and_leaves_nothing(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "minigpt2.prepare", str(big), "--out", str(tmp_path / "o"),
                                 "--workers", "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".o.*.partial/all.bin")) and process.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".tmp-o-*/all.bin")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "preparing ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert (process.returncode, stderr) == (143, "terminated\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_the_next_preparation_deletes_what_a_killed_one_left(tmp_path):
+    """SIGKILL leaves the scratch folder (a copy of every token so far: as large as the corpus); it stayed for good.
+    The next preparation of the same --out deletes it, and keeps the scratch folder of a preparation still running."""
+    text = "\n\n".join(f"paragraph {i} " + "word " * 50 for i in range(40_000))  # seconds to tokenise
+    big = write(tmp_path / "big.txt", text)
+    running = staging_path(tmp_path, "o")  # one of this process, which runs
+    running.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "minigpt2.prepare", str(big), "--out", str(tmp_path / "o"),
+                                "--workers", "1"], stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(f".tmp-o-*-{process.pid}-*/all.bin")) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "preparing ended before it could be killed"
+    process.kill()
+    process.wait(timeout=60)
+    [left] = tmp_path.glob(f".tmp-o-*-{process.pid}-*")
+    prepare_dataset(write(tmp_path / "small.txt", "one\n\ntwo\n\nthree"), tmp_path / "o", progress=False)
+    assert not left.exists() and running.is_dir()
+    check_prepared(tmp_path / "o", ["one", "two", "three"])
 
 
 def test_preparing_data_does_not_import_torch():
