@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 try:
@@ -42,7 +42,21 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     """`path` replaced by `text` (UTF-8), atomically."""
-    write_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+    write_texts_atomically({path: text})
+
+
+def write_texts_atomically(texts: Mapping[str | os.PathLike[str], str]) -> None:
+    """Files that belong together (a report in two formats), each replaced by its text (UTF-8) atomically, and all
+    written before any is replaced: a failure while writing (a full disk) leaves every old file as it was."""
+    staged = [(Path(path), Path(path).with_name(f".tmp-{Path(path).name}"), text) for path, text in texts.items()]
+    try:
+        for _, staging, text in staged:
+            staging.write_text(text, encoding="utf-8")
+        for target, staging, _ in staged:
+            os.replace(staging, target)
+    finally:
+        for _, staging, _ in staged:
+            staging.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

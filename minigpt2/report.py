@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import removed_if_failed, write_text_atomically
+from .atomic import removed_if_failed, write_texts_atomically
 from .errors import DataError
 from .evaluate import evaluating, perplexity
 from .generate import PromptTooLongError, StopStrings, check_length
@@ -205,8 +205,7 @@ def write_report(base: GPT, finetuned: GPT, val_tokens: Sequence[int] | np.ndarr
         report = _Report(list(models), text_name, scores, [tokenizer.decode(p) for p in encoded], configs, samples,
                          max_new_tokens, seed)
         paths = out / "report.html", out / "report.md"
-        for path, text in zip(paths, (report.html(), report.markdown())):  # both rendered before either is written
-            write_text_atomically(path, text)
+        write_texts_atomically(dict(zip(paths, (report.html(), report.markdown()))))  # never one new, one old
     return paths
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,6 +364,29 @@ def test_failed_report_leaves_no_folder_and_keeps_an_existing_one(checkpoint, tm
                                                           capsys)  # too long a name: the check of it fails too
     assert [p.name for p in existing.iterdir()] == ["report.md"]
     assert (existing / "report.md").read_text(encoding="utf-8") == "the last report"
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_last_one_whole(checkpoint, tmp_path, capsys, monkeypatch):
+    """The disk filling up while the Markdown is written: the HTML was already replaced, so the folder held a new
+    report.html beside the last report.md. Now both are written before either is replaced."""
+    text = tmp_path / "val.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    last = {"report.html": "<p>the last report</p>", "report.md": "the last report"}
+    for name, content in last.items():
+        (out / name).write_text(content, encoding="utf-8")
+    write_text = Path.write_text
+
+    def disk_full_for_markdown(path: Path, *args, **kwargs):
+        if path.name.endswith(".md"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_for_markdown)
+    err = cli_error([*report_argv(checkpoint, text, out), "--overwrite"], capsys)
+    assert "No space left on device" in err, err
+    assert {p.name: p.read_text(encoding="utf-8") for p in out.iterdir()} == last
 
 
 def test_report_refuses_a_length_past_the_context_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
