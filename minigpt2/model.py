@@ -194,7 +194,9 @@ class CausalSelfAttention(nn.Module):
             # The kernel has no attention dropout and handles self-attention only (not a cached decode step).
             from kernels import flash_attention
 
-            y = flash_attention(q, k, v, key_padding_mask=key_padding)
+            # The kernel takes a row of padding per sequence; a one-row attention_mask stands for every row, as
+            # the broadcast masks of the other paths read it.
+            y = flash_attention(q, k, v, key_padding_mask=None if key_padding is None else key_padding.expand(B, T))
         else:
             # SDPA's is_causal lines queries up with the first keys, so it is for Tq == Tk only; a single new query
             # after a cache (no mask) sees every key.

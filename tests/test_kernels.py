@@ -265,3 +265,23 @@ def test_kernels_are_torch_operators_that_compile():
     # first one's compilation also calls the operators, on fake tensors.
     launches = kernel_launches(lambda: compiled(input_ids).square().mean().backward())
     assert launches == {"forward": 1, "backward": 1}
+
+
+def test_gpt_triton_takes_a_one_row_attention_mask_for_the_batch():
+    """The model accepts an attention_mask of one row for a batch of several (the other paths broadcast it); the
+    kernel was handed that (1, T) row as its key-padding mask and refused it as not (B, T)."""
+    from minigpt2 import GPT, GPTConfig
+
+    models = {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, attn_impl=impl)
+        models[impl] = GPT(config).to(DEVICE).eval()
+    input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    attention_mask = (torch.arange(10) >= 3).long()[None, :].to(DEVICE)  # (1, T): both rows padded by 3
+    logits = {}
+    launches = kernel_launches(lambda: logits.update(triton=models["triton"](input_ids, attention_mask=attention_mask)))
+    assert launches["forward"] == 1
+    logits["sdpa"] = models["sdpa"](input_ids, attention_mask=attention_mask)
+    real = attention_mask.bool().expand(2, 10)
+    torch.testing.assert_close(logits["triton"][real], logits["sdpa"][real], atol=1e-4, rtol=1e-4)
