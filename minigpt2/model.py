@@ -131,6 +131,7 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 TRITON_HEAD_SIZES = (16, 32, 64, 128)  # the head sizes kernels/flash_attention.py has tiles for
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the q, k, v dtypes it takes
 
 
 def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: torch.dtype) -> str:
@@ -147,6 +148,9 @@ def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: to
     if name == "triton":
         if head_size not in TRITON_HEAD_SIZES:
             _warn_once(f"attn_impl='triton' supports head sizes {TRITON_HEAD_SIZES}, not {head_size}; using sdpa")
+            return "sdpa"
+        if dtype not in TRITON_DTYPES:
+            _warn_once(f"attn_impl='triton' supports {', '.join(map(str, TRITON_DTYPES))}, not {dtype}; using sdpa")
             return "sdpa"
         if not _triton_runs_on(device):
             _warn_once("attn_impl='triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa instead")

@@ -285,3 +285,25 @@ def test_gpt_triton_takes_a_one_row_attention_mask_for_the_batch():
     logits["sdpa"] = models["sdpa"](input_ids, attention_mask=attention_mask)
     real = attention_mask.bool().expand(2, 10)
     torch.testing.assert_close(logits["triton"][real], logits["sdpa"][real], atol=1e-4, rtol=1e-4)
+
+
+def test_gpt_triton_in_float64_warns_and_uses_sdpa():
+    """The kernel takes fp16, bf16 and fp32 only. An explicit attn_impl="triton" in a float64 model passed
+    resolve_attn_impl (which checked the head size but not the dtype) and the kernel then raised a ValueError in
+    the middle of generate; the model promises a warning and sdpa instead."""
+    from minigpt2 import GPT, GPTConfig
+
+    models = {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, attn_impl=impl,
+                           initializer_range=0.2)
+        models[impl] = GPT(config).to(DEVICE, torch.float64).eval()
+    input_ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=DEVICE)
+    outputs = {}
+    with pytest.warns(UserWarning, match="not torch.float64; using sdpa"):
+        for impl, model in models.items():
+            outputs[impl] = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4,
+                                           do_sample=False)
+    torch.testing.assert_close(outputs["triton"], outputs["sdpa"], atol=0, rtol=0)
