@@ -39,7 +39,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120
 SMALLEST_SHARED_LIMIT = min(SHARED_LIMIT.values())
 
 # Input precisions by name: the element type of q, k, v and the tl.dot precision a launch picks for it
-# (fp32 inputs multiply exactly unless torch.backends.cuda.matmul.allow_tf32 is on).
+# (fp32 inputs multiply exactly unless torch allows TF32 for its own fp32 matmuls).
 DTYPES = {"fp16": (torch.float16, "tf32"), "bf16": (torch.bfloat16, "tf32"), "fp32": (torch.float32, "ieee"),
           "tf32": (torch.float32, "tf32")}
 

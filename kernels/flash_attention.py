@@ -321,11 +321,19 @@ def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch's own fp32 matmuls on CUDA may use TF32. Newer torch sets this with
+    torch.backends.cuda.matmul.fp32_precision (which also reflects the older settings), and once it is set there,
+    reading the older allow_tf32 flag raises a RuntimeError about mixing the two APIs."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # absent from older torch
+    return torch.backends.cuda.matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
 def _launch_options(q: torch.Tensor, T: int) -> dict:
     """Kernel arguments shared by the forward, dk/dv and dq launches (the delta kernel takes its own): sizes, and
     the constexprs that pick the matmul precision."""
     # fp32 inputs get exact fp32 matmuls unless torch itself allows TF32 (as torch's own matmuls do).
-    tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    tf32 = q.dtype != torch.float32 or _tf32_allowed()
     return dict(n_heads=q.shape[1], T=T, T_BUCKET=triton.next_power_of_2(T), HEAD_DIM=q.shape[3],
                 DOT_DTYPE=tl.float32 if INTERPRET else _DOT_DTYPES[q.dtype],
                 INPUT_PRECISION="tf32" if tf32 else "ieee")

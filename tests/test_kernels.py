@@ -307,3 +307,24 @@ def test_gpt_triton_in_float64_warns_and_uses_sdpa():
             outputs[impl] = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4,
                                            do_sample=False)
     torch.testing.assert_close(outputs["triton"], outputs["sdpa"], atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision")
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_fp32_inputs_follow_torchs_fp32_precision_setting(precision):
+    """fp32 inputs use TF32 matmuls when torch allows them for its own. The kernel read the older allow_tf32 flag,
+    and after TF32 is set through torch's newer fp32_precision, torch raises a RuntimeError on that read: every
+    fp32 call of the kernel failed."""
+    launch_options = sys.modules["kernels.flash_attention"]._launch_options
+    q, k, v = random_qkv(1, 2, 20, 32, torch.float32)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        assert launch_options(q, 20)["INPUT_PRECISION"] == precision
+        with torch.no_grad():
+            out = flash_attention(q, k, v)
+    finally:
+        matmul.fp32_precision = before
+    atol, rtol = (1e-2, 1e-2) if precision == "tf32" and DEVICE == "cuda" else TOLERANCES[torch.float32]
+    torch.testing.assert_close(out, naive_attention(q, k, v, visibility(20, None)), atol=atol, rtol=rtol)
