@@ -36,6 +36,9 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only where triton is missing
     raise ImportError("kernels.flash_attention needs triton: pip install 'minigpt2[kernels]' (or pip install triton); "
                       "use attn_impl='sdpa' otherwise") from error
+if not hasattr(triton, "knobs"):  # added in triton 3.4; an ImportError lets the model fall back to sdpa
+    raise ImportError(f"kernels.flash_attention needs triton 3.4 or newer, found {triton.__version__}: "
+                      "pip install -U 'triton>=3.4'; use attn_impl='sdpa' otherwise")
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 """Whether the kernels below were defined for Triton's CPU interpreter (decided once, at import, by Triton's own

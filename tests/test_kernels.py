@@ -328,3 +328,17 @@ def test_fp32_inputs_follow_torchs_fp32_precision_setting(precision):
         matmul.fp32_precision = before
     atol, rtol = (1e-2, 1e-2) if precision == "tf32" and DEVICE == "cuda" else TOLERANCES[torch.float32]
     torch.testing.assert_close(out, naive_attention(q, k, v, visibility(20, None)), atol=atol, rtol=rtol)
+
+
+def test_a_triton_without_knobs_is_unavailable_and_the_model_falls_back():
+    """The kernels read Triton's own knob for TRITON_INTERPRET, triton.knobs, which triton 3.0-3.3 (allowed by the
+    old `triton>=3.0`) lack: `import kernels` raised an AttributeError, which the model's availability check (made
+    for a missing triton, an ImportError) let through, so attn_impl="triton" died in the forward instead of
+    warning and using sdpa. Simulated by removing the attribute from this triton."""
+    script = ("import torch, triton; del triton.knobs; from minigpt2.model import resolve_attn_impl; "
+              "print(resolve_attn_impl('triton', torch.device('cpu'), 16, torch.float32)); "
+              "import kernels; print(kernels.is_available())")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.split()) == (0, ["sdpa", "False"]), done.stderr
+    assert "needs triton 3.4 or newer" in done.stderr
