@@ -200,8 +200,9 @@ def load_eval_text(path: str | Path, tokenizer: Tokenizer | None = None) -> Eval
     """Read evaluation text from a file, a folder of .txt/.md files, or a prepared dataset's validation split.
 
     A folder's files are read in sorted order and joined by `<|endoftext|>`, the document separator GPT-2 was trained
-    with; empty files are skipped. Text is read as `cli.read_text_file` reads it (line endings as \\n). A prepared dataset (a folder with `meta.json` and `val.bin`, see `dataset.py`) is already tokenized; its
-    validation split is used as is.
+    with; empty files are skipped. Text is read as `cli.read_text_file` reads it (line endings as \\n). A prepared
+    dataset (a folder with `meta.json` and `val.bin`, see `dataset.py`) is already tokenized; its validation split
+    is used as is.
     """
     path = Path(path)
     if not path.exists():

@@ -153,8 +153,8 @@ def resolve_attn_impl(name: str, device: torch.device, head_size: int, dtype: to
             _warn_once(f"attn_impl='triton' supports {', '.join(map(str, TRITON_DTYPES))}, not {dtype}; using sdpa")
             return "sdpa"
         if not _triton_runs_on(device):
-            _warn_once("attn_impl='triton' needs triton 3.4 or newer and a CUDA GPU (or TRITON_INTERPRET=1); using sdpa "
-                       "instead")
+            _warn_once("attn_impl='triton' needs triton 3.4 or newer and a CUDA GPU (or TRITON_INTERPRET=1); "
+                       "using sdpa instead")
             return "sdpa"
     return name
 
