@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from minigpt2 import GPT, GPTConfig
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> tuple[float, float]:
     fn()  # warm-up: allocator, kernels, caches
     times = []
     for _ in range(repeats):
@@ -38,6 +38,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device_type = torch.device(args.device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
+                     "the CPU")
 
     shape = GPTConfig.from_preset(args.preset)
     torch.manual_seed(0)
@@ -51,12 +55,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"{'dtype':<10}{'minigpt2 tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for dtype in ("fp32", "bf16"):
-        autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
         def run(model, logits_of):
             with torch.no_grad(), autocast:
                 logits_of(model(x))
-            if args.device == "cuda":
+            if device_type == "cuda":
                 torch.cuda.synchronize()
 
         ours_t, _ = best_time(lambda: run(ours, lambda out: out), args.repeats)

@@ -36,7 +36,7 @@ LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
 
 def elapsed_ms(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
+    if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -141,8 +141,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help="rows of the head (default: 16,384 on a GPU, 512 on a CPU)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    tokens = args.tokens or (16384 if args.device == "cuda" else 512)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
+                     "the CPU")
+    tokens = args.tokens or (16384 if on_gpu else 512)
+    name = torch.cuda.get_device_name(args.device) if on_gpu else "CPU"
     print(f"{name}, torch {torch.__version__}")
     time_head(args.device, tokens, args.repeats)
     time_optimizer(args.device, args.repeats)

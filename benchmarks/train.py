@@ -198,6 +198,9 @@ def main() -> None:
     adamws = args.adamw.split(",")
     if not set(adamws) <= {"waves", "one_pass"}:
         parser.error(f"--adamw {args.adamw}: the updates are waves and one_pass")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
+                     "the CPU")
     if "triton" in impls and args.dropout > 0:
         parser.error("--attn_impls triton needs --dropout 0 (the kernel has no attention dropout)")
     if args.threads:
