@@ -198,6 +198,9 @@ def main() -> None:
     adamws = args.adamw.split(",")
     if not set(adamws) <= {"waves", "one_pass"}:
         parser.error(f"--adamw {args.adamw}: the updates are waves and one_pass")
+    if not set(args.dtypes.split(",")) <= {"fp32", "bf16"}:
+        # The transformers loop runs autocast for bf16 only: any other dtype would race it in fp32.
+        parser.error(f"--dtypes {args.dtypes}: the dtypes are fp32 and bf16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
                      "the CPU")

@@ -28,3 +28,14 @@ def test_gpu_benchmarks_say_there_is_no_gpu(monkeypatch, capsys, script, args):
         run_script(monkeypatch, script, *args)
     message = str(exit_info.value.code) if exit_info.value.code != 2 else capsys.readouterr().err.splitlines()[-1]
     assert "torch.cuda.is_available() is False" in message
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("train.py", ["--dtypes", "fp16"], "--dtypes"),  # transformers' side would race in fp32
+    ("train.py", ["--dtypes", "fp32,auto"], "--dtypes"),  # ours in bf16 where the CPU is faster in it
+])
+def test_settings_a_benchmark_cannot_measure_are_refused(monkeypatch, capsys, script, args, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(monkeypatch, script, *args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"{script}: error: {flag} ")
