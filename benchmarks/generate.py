@@ -86,6 +86,12 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    for flag, names, known in (("--dtypes", args.dtypes, DTYPES), ("--workloads", args.workloads, WORKLOADS)):
+        if not set(names.split(",")) <= set(known):
+            parser.error(f"{flag} {names}: choose from {', '.join(known)}")
+    if "greedy" in args.workloads.split(",") and args.new < 2:
+        parser.error(f"--new {args.new}: greedy's decoding step is timed over the tokens after the first; pass "
+                     "--new 2 or more")
     torch.set_num_threads(args.threads)
 
     shape = GPTConfig.from_preset(args.preset)

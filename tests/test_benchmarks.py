@@ -31,6 +31,9 @@ def test_gpu_benchmarks_say_there_is_no_gpu(monkeypatch, capsys, script, args):
 
 
 @pytest.mark.parametrize("script, args, flag", [
+    ("generate.py", ["--workloads", "greedy,beam"], "--workloads"),
+    ("generate.py", ["--dtypes", "fp16"], "--dtypes"),
+    ("generate.py", ["--new", "1"], "--new"),
     ("train.py", ["--dtypes", "fp16"], "--dtypes"),  # transformers' side would race in fp32
     ("train.py", ["--dtypes", "fp32,auto"], "--dtypes"),  # ours in bf16 where the CPU is faster in it
 ])
