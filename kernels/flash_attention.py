@@ -8,7 +8,8 @@ beyond the output is one logsumexp per row, O(T). The matmuls run on tensor core
 probabilities tile by tile from that logsumexp, instead of storing them.
 
 Layout: q, k, v, o are (B, nh, T, hs) with a unit stride on hs (any other strides are fine, e.g. the transposed
-views the model makes). Program grid: axis 0 = a tile of rows, axis 1 = one (batch, head) pair.
+views the model makes). Program grid: axis 0 = a tile of rows, axis 1 = one (batch, head) pair (a batch of more
+pairs than CUDA's grid takes is launched in slices).
 
 Masking rule, shared with the model's naive/SDPA paths: query i may see key j when j <= i (causal) and
 (key j is a real token or j == i). Letting every query see itself keeps rows of padding finite: such a row has no
@@ -342,6 +343,16 @@ def _launch_options(q: torch.Tensor, T: int) -> dict:
                 INPUT_PRECISION="tf32" if tf32 else "ieee")
 
 
+MAX_GRID_PAIRS = 65535  # CUDA's limit on a grid's axis 1, which holds the (batch, head) pairs
+
+
+def _batch_chunks(B: int, H: int) -> list[slice]:
+    """The batch in slices of at most MAX_GRID_PAIRS (batch, head) pairs, one launch each: a prefill of thousands
+    of rows would not fit one grid. A slice of a tensor's batch is a view with the same strides."""
+    step = max(1, MAX_GRID_PAIRS // H)
+    return [slice(start, min(start + step, B)) for start in range(0, B, step)]
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_real: torch.Tensor | None,
              sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, _ = q.shape
@@ -349,10 +360,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_real: torch.
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](q, k, v, o, lse, key_real if key_real is not None else lse,  # placeholder, never read
-                      *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(o),
-                      qk_scale=sm_scale * _LOG2E, HAS_PAD=key_real is not None, **_launch_options(q, T))
+    for rows in _batch_chunks(B, H):
+        pairs = (rows.stop - rows.start) * H
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), pairs)  # noqa: E731
+        pad = key_real[rows] if key_real is not None else lse  # placeholder, never read without padding
+        _fwd_kernel[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], pad,
+                          *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(o),
+                          qk_scale=sm_scale * _LOG2E, HAS_PAD=key_real is not None, **_launch_options(q, T))
     return o, lse
 
 
@@ -365,20 +379,24 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty_like(lse)
-    _bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *_bht_strides(o), *_bht_strides(do), H, T,
-                                                    HEAD_DIM=hs, BLOCK_M=64)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    pad = key_real if key_real is not None else lse  # placeholder, never read without padding
     options = dict(qk_scale=sm_scale * _LOG2E, sm_scale=sm_scale, HAS_PAD=key_real is not None,
                    **_launch_options(q, T))
-    grid_n = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _bwd_dkdv_kernel[grid_n](q, k, v, do, dk, dv, lse, delta, pad, *_bht_strides(q), *_bht_strides(k),
-                             *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv), **options)
-    grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _bwd_dq_kernel[grid_m](q, k, v, do, dq, lse, delta, pad, *_bht_strides(q), *_bht_strides(k),
-                           *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), **options)
+    for rows in _batch_chunks(B, H):
+        pairs = (rows.stop - rows.start) * H
+        q_, k_, v_, o_, do_, lse_, delta_ = (t[rows] for t in (q, k, v, o, do, lse, delta))
+        pad = key_real[rows] if key_real is not None else lse_  # placeholder, never read without padding
+        _bwd_delta_kernel[(triton.cdiv(T, 64), pairs)](o_, do_, delta_, *_bht_strides(o), *_bht_strides(do), H, T,
+                                                        HEAD_DIM=hs, BLOCK_M=64)
+        grid_n = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), pairs)  # noqa: E731
+        _bwd_dkdv_kernel[grid_n](q_, k_, v_, do_, dk[rows], dv[rows], lse_, delta_, pad, *_bht_strides(q),
+                                 *_bht_strides(k), *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk),
+                                 *_bht_strides(dv), **options)
+        grid_m = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), pairs)  # noqa: E731
+        _bwd_dq_kernel[grid_m](q_, k_, v_, do_, dq[rows], lse_, delta_, pad, *_bht_strides(q), *_bht_strides(k),
+                               *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), **options)
     return dq, dk, dv
 
 

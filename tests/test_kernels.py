@@ -8,6 +8,7 @@ fp16/bf16 before the matmuls that read them. Hence the two sets of tolerances be
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import subprocess
@@ -175,6 +176,35 @@ def test_left_padding(T, pads, dtype):
     pad_rows = ~key_padding_mask[:, None, :].expand(B, H, T)
     assert out[pad_rows].isfinite().all()
     torch.testing.assert_close(out[pad_rows], v.float()[pad_rows], atol=1e-6, rtol=0)
+
+
+def test_a_batch_of_more_pairs_than_a_grid_takes_is_launched_in_slices(monkeypatch):
+    """CUDA's grid holds at most 65,535 (batch, head) pairs on its axis 1 (a prefill of some 5,500 rows of 12 heads
+    would not launch). With the limit lowered to 4 pairs, 3 rows of 2 heads go in two launches per kernel, and the
+    output and gradients equal the references and, bit for bit, those of one launch."""
+    module = importlib.import_module("kernels.flash_attention")
+    B, H, T = 3, 2, 17
+    key_padding_mask = torch.arange(T, device=DEVICE)[None, :] >= torch.tensor([0, 5, 2], device=DEVICE)[:, None]
+    q, k, v = random_qkv(B, H, T, 16, torch.float32)
+    whole = output_and_grads(flash_attention, q, k, v, torch.ones_like(q), key_padding_mask=key_padding_mask)
+    monkeypatch.setattr(module, "MAX_GRID_PAIRS", 4)
+    launches = {}
+
+    class Counted:  # kernel[grid](...) as before, counting the grids' axis 1 sizes
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            pairs = (grid if isinstance(grid, tuple) else grid({"BLOCK_M": 64, "BLOCK_N": 64}))[1]
+            launches.setdefault(self.name, []).append(pairs)
+            return self.kernel[grid]
+
+    for name in ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(module, name, Counted(name, getattr(module, name)))
+    check_against_references(q, k, v, key_padding_mask, real_rows=key_padding_mask)
+    assert launches == {name: [4, 2] for name in launches} and len(launches) == 4
+    again = output_and_grads(flash_attention, q, k, v, torch.ones_like(q), key_padding_mask=key_padding_mask)
+    assert all(torch.equal(a, b) for a, b in zip(whole, again))
 
 
 def test_all_real_mask_equals_no_mask():
