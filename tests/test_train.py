@@ -1255,7 +1255,7 @@ def test_a_text_file_on_read_only_media_says_to_prepare_it_elsewhere(init_dir, t
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(prepare_module.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(prepare_module, "staging_path", read_only)
     with pytest.raises(DataError) as caught:
         Trainer(config(init_dir, text, tmp_path / "run"))
     assert str(caught.value) == (
