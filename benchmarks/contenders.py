@@ -1,9 +1,22 @@
-"""What the benchmark scripts share: warming contenders up, and leaving out one that fails there."""
+"""What the benchmark scripts share: checking the --device asked for, warming contenders up, and leaving out one
+that fails there."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
+
+import torch
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> bool:
+    """Whether --device `device` is a CUDA GPU (cuda or cuda:N); a usage error if it is one this machine lacks."""
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch.cuda.is_available() is False here; leave --device out to run on "
+                     "the CPU")
+    return on_gpu
 
 
 def warmed_up(contenders: dict[str, Callable[[], object]], warmup: int, indent: str,

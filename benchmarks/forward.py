@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from contenders import check_device
 from minigpt2 import GPT, GPTConfig
 
 
@@ -38,10 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    device_type = torch.device(args.device).type
-    if device_type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
-                     "the CPU")
+    device_type = "cuda" if check_device(parser, args.device) else "cpu"
 
     shape = GPTConfig.from_preset(args.preset)
     torch.manual_seed(0)

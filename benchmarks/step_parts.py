@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from contenders import warmed_up
+from contenders import check_device, warmed_up
 from minigpt2 import GPT, GPTConfig
 from minigpt2.model import aligned_linear
 from minigpt2.optim import AdamW, clip_factor, grad_norm, param_groups
@@ -141,10 +141,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help="rows of the head (default: 16,384 on a GPU, 512 on a CPU)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    on_gpu = args.device.startswith("cuda")
-    if on_gpu and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
-                     "the CPU")
+    on_gpu = check_device(parser, args.device)
     tokens = args.tokens or (16384 if on_gpu else 512)
     name = torch.cuda.get_device_name(args.device) if on_gpu else "CPU"
     print(f"{name}, torch {torch.__version__}")

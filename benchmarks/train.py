@@ -34,7 +34,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from contenders import warmed_up
+from contenders import check_device, warmed_up
 from minigpt2 import GPTConfig, Tokenizer
 from minigpt2.dataset import BatchLoader, PreparedDataset
 from minigpt2.optim import param_groups
@@ -201,9 +201,7 @@ def main() -> None:
     if not set(args.dtypes.split(",")) <= {"fp32", "bf16"}:
         # The transformers loop runs autocast for bf16 only: any other dtype would race it in fp32.
         parser.error(f"--dtypes {args.dtypes}: the dtypes are fp32 and bf16")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here; leave --device out to run on "
-                     "the CPU")
+    check_device(parser, args.device)
     if "triton" in impls and args.dropout > 0:
         parser.error("--attn_impls triton needs --dropout 0 (the kernel has no attention dropout)")
     if args.threads:
