@@ -164,6 +164,16 @@ def check_compile_toolchain(device: torch.device, flag: str) -> None:
                           f"{flag}") from None
 
 
+def _with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` (TrainConfig.to_dict's) with --data and --init made absolute where they name a local path."""
+    settings = dict(settings)
+    for name in ("data", "init"):
+        value = settings.get(name)
+        if value and value != "scratch" and Path(value).exists():
+            settings[name] = str(Path(value).resolve())
+    return settings
+
+
 def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
     """The checkpoint that --resume names: None (no resume, or "auto" with none in `out` yet), or its path.
 
@@ -418,8 +428,10 @@ class Trainer:
                       f"{self.dist.world_size}; dropout randomness restarts from the seed (data order is exact)")
             seed_everything(self.config.seed + self.dist.rank + self.step)
         self._log(f"resuming from {self.resume_from} at step {self.step}")
-        now = self.config.to_dict()
-        changed = [f"{name} {value!r} -> {now[name]!r}" for name, value in state["config"].items()
+        # Compared as saved: the same files named by a relative path (or saved so, before paths were made absolute)
+        # are no change.
+        was, now = _with_absolute_paths(state["config"]), self._saved_config()
+        changed = [f"{name} {value!r} -> {now[name]!r}" for name, value in was.items()
                    if name not in ("resume", "overwrite") and name in now and now[name] != value]
         if changed:  # allowed (a longer run, a lower lr), but worth seeing: the run's record shows only the new ones
             self._log(f"settings changed since that checkpoint: {', '.join(changed)}")
@@ -613,12 +625,7 @@ class Trainer:
     def _saved_config(self) -> dict[str, Any]:
         """The settings that a resumed run takes as its own, with the local paths of --data and --init made absolute:
         it may be resumed from another working directory, where relative ones would name other files or none."""
-        saved = self.config.to_dict()
-        for name in ("data", "init"):
-            value = saved[name]
-            if value and value != "scratch" and Path(value).exists():
-                saved[name] = str(Path(value).resolve())
-        return saved
+        return _with_absolute_paths(self.config.to_dict())
 
     def _evaluate_and_track(self) -> str | None:
         """Evaluate, keep track of the best step, and say "early stopping" if patience has run out."""

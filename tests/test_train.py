@@ -1308,3 +1308,15 @@ def test_a_run_resumed_into_another_folder_ends_with_its_best_model(init_dir, pr
     for name in ("model.safetensors", ckpt.STATE_TENSORS):
         assert (result.best_checkpoint / name).read_bytes() == (best / name).read_bytes()
     assert (result.model_dir / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
+
+
+def test_resuming_with_the_relative_data_and_init_it_started_with_changes_no_setting(init_dir, prepared, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The resume hint repeats the run's own flags, relative --data and --init too, which the checkpoint holds made
+    absolute: they name the same files, so resuming changes no setting (it said both had changed)."""
+    monkeypatch.chdir(init_dir.parent)
+    init, data = init_dir.name, os.path.relpath(prepared)
+    Trainer(config(init, data, tmp_path / "run", max_steps=4, eval_interval=2)).train(stop_after=2)
+    capsys.readouterr()
+    Trainer(config(init, data, tmp_path / "run", max_steps=4, eval_interval=2, resume="auto"))
+    assert "settings changed" not in capsys.readouterr().out
