@@ -242,6 +242,12 @@ class Trainer:
         if state is not None and int(state["step"]) > config.max_steps:
             raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, past --max_steps "
                               f"{config.max_steps}; pass a --max_steps above {state['step']} to train further")
+        # Its checkpoints reach another --out with the first save, after a step: with none to train, there would be
+        # no best model there to end with.
+        if state is not None and int(state["step"]) == config.max_steps and not self.folder.continues:
+            raise ConfigError(f"--resume: {self.resume_from} is at step {state['step']}, --max_steps "
+                              f"{config.max_steps}: nothing left to train into --out {self.out}; pass a --max_steps "
+                              f"above {state['step']} to train further")
         # Resuming an earlier checkpoint of the run in --out starts a new line of checkpoints from it: the later
         # ones of the old line would be mixed with them (and pruned in their place), so they go, but only if asked.
         self.later_checkpoints: list[Path] = []

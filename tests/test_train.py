@@ -1320,3 +1320,12 @@ def test_resuming_with_the_relative_data_and_init_it_started_with_changes_no_set
     capsys.readouterr()
     Trainer(config(init, data, tmp_path / "run", max_steps=4, eval_interval=2, resume="auto"))
     assert "settings changed" not in capsys.readouterr().out
+
+
+def test_a_finished_run_resumed_into_another_folder_is_refused_before_any_file(init_dir, prepared, tmp_path):
+    """Resumed at its --max_steps into another --out, a run has no step to train, so nothing copies its checkpoints
+    there: exporting its best model then failed with a FileNotFoundError traceback from the empty folder."""
+    Trainer(config(init_dir, prepared, tmp_path / "a", max_steps=2, eval_interval=2)).train()
+    with pytest.raises(ConfigError, match="at step 2, --max_steps 2: nothing left to train"):
+        Trainer(config(init_dir, prepared, tmp_path / "b", max_steps=2, eval_interval=2, resume=str(tmp_path / "a")))
+    assert not (tmp_path / "b").exists()
