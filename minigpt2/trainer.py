@@ -165,9 +165,9 @@ def check_compile_toolchain(device: torch.device, flag: str) -> None:
 
 
 def _with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` (TrainConfig.to_dict's) with --data and --init made absolute where they name a local path."""
+    """`settings` (TrainConfig.to_dict's) with --data, --init and --out made absolute where they name a local path."""
     settings = dict(settings)
-    for name in ("data", "init"):
+    for name in ("data", "init", "out"):
         value = settings.get(name)
         if value and value != "scratch" and Path(value).exists():
             settings[name] = str(Path(value).resolve())
@@ -629,8 +629,9 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def _saved_config(self) -> dict[str, Any]:
-        """The settings that a resumed run takes as its own, with the local paths of --data and --init made absolute:
-        it may be resumed from another working directory, where relative ones would name other files or none."""
+        """The settings that a resumed run takes as its own, with the local paths of --data, --init and --out made
+        absolute: it may be resumed from another working directory, where relative ones would name other files or
+        none."""
         return _with_absolute_paths(self.config.to_dict())
 
     def _evaluate_and_track(self) -> str | None:

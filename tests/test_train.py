@@ -1329,3 +1329,16 @@ def test_a_finished_run_resumed_into_another_folder_is_refused_before_any_file(i
     with pytest.raises(ConfigError, match="at step 2, --max_steps 2: nothing left to train"):
         Trainer(config(init_dir, prepared, tmp_path / "b", max_steps=2, eval_interval=2, resume=str(tmp_path / "a")))
     assert not (tmp_path / "b").exists()
+
+
+def test_resuming_by_path_from_another_directory_changes_no_setting(init_dir, prepared, tmp_path, monkeypatch,
+                                                                     capsys):
+    """`--resume DIR` alone goes on in the folder that holds the checkpoint, which its --out named relative to the
+    directory the run started in: the same folder, so no setting changed (it said --out had)."""
+    monkeypatch.chdir(tmp_path)
+    Trainer(config(init_dir, prepared, "run", max_steps=4, eval_interval=2)).train(stop_after=2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    Trainer(train.parse_config(["--resume", str(tmp_path / "run")]))
+    assert "settings changed" not in capsys.readouterr().out
