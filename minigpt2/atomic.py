@@ -12,6 +12,7 @@ And two processes never write one folder's files at once: see `FolderLock`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -31,13 +32,22 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
     """Have `write(staging)` write a file beside `path`, then rename it over `path`; the temporary file is removed
     if `write` fails."""
-    target = Path(path)
-    staging = target.with_name(f".tmp-{target.name}")
+    write_all_atomically({path: write})
+
+
+def write_all_atomically(writers: Mapping[str | os.PathLike[str], Callable[[Path], object]]) -> None:
+    """Files that belong together (a report in two formats), each written by its `write(staging)` beside it and all
+    written before any is renamed over its path: a failure while writing (a full disk) leaves every old file as it
+    was. The temporary files are removed whatever happens."""
+    staged = [(Path(path), Path(path).with_name(f".tmp-{Path(path).name}"), write) for path, write in writers.items()]
     try:
-        write(staging)
-        os.replace(staging, target)
+        for _, staging, write in staged:
+            write(staging)
+        for target, staging, _ in staged:
+            os.replace(staging, target)
     finally:
-        staging.unlink(missing_ok=True)
+        for _, staging, _ in staged:
+            staging.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
@@ -46,17 +56,9 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_texts_atomically(texts: Mapping[str | os.PathLike[str], str]) -> None:
-    """Files that belong together (a report in two formats), each replaced by its text (UTF-8) atomically, and all
-    written before any is replaced: a failure while writing (a full disk) leaves every old file as it was."""
-    staged = [(Path(path), Path(path).with_name(f".tmp-{Path(path).name}"), text) for path, text in texts.items()]
-    try:
-        for _, staging, text in staged:
-            staging.write_text(text, encoding="utf-8")
-        for target, staging, _ in staged:
-            os.replace(staging, target)
-    finally:
-        for _, staging, _ in staged:
-            staging.unlink(missing_ok=True)
+    """`write_all_atomically` for texts (UTF-8)."""
+    write_all_atomically({path: functools.partial(Path.write_text, data=text, encoding="utf-8")
+                          for path, text in texts.items()})
 
 
 @contextlib.contextmanager
